@@ -1,0 +1,175 @@
+// The C ABI of pymoi.h over the C++ core: status codes and a per-thread last
+// error instead of exceptions.
+#include <new>
+#include <string>
+
+#include "decode_step.h"
+#include "embedding_rows.h"
+#include "mixer.h"
+#include "pymoi.h"
+
+struct pymoi_embedding_rows {
+    std::unique_ptr<pymoi::EmbeddingRows> rows;
+};
+
+struct pymoi_session {
+    std::unique_ptr<pymoi::DecodeStep> step;
+};
+
+namespace {
+
+thread_local std::string g_last_error;
+
+pymoi_status fail(pymoi_status status, std::string message) {
+    g_last_error = std::move(message);
+    return status;
+}
+
+pymoi_status to_status(int status, std::string & error) {
+    if (status == PYMOI_OK) return PYMOI_OK;
+    return fail(static_cast<pymoi_status>(status), std::move(error));
+}
+
+// Runs `body`, turning any C++ exception into PYMOI_ERR_INTERNAL.
+template <typename Body> pymoi_status guarded(Body body) {
+    try {
+        g_last_error.clear();
+        return body();
+    } catch (const std::bad_alloc &) {
+        return fail(PYMOI_ERR_INTERNAL, "out of memory");
+    } catch (const std::exception & e) {
+        return fail(PYMOI_ERR_INTERNAL, e.what());
+    } catch (...) {
+        return fail(PYMOI_ERR_INTERNAL, "unknown C++ exception");
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+const char * pymoi_last_error(void) {
+    return g_last_error.c_str();
+}
+
+bool pymoi_beta_is_valid(float beta) {
+    return pymoi::beta_is_valid(beta);
+}
+
+pymoi_status pymoi_mixture_weights(const float * logits, int32_t n_vocab, int32_t token, float beta, int32_t top_k,
+                                   int32_t * out_ids, float * out_weights, int32_t * out_n) {
+    return guarded([&] {
+        if (logits == nullptr || out_ids == nullptr || out_weights == nullptr || out_n == nullptr) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "logits and output arrays must not be null");
+        }
+        if (n_vocab < 1) return fail(PYMOI_ERR_INVALID_ARGUMENT, "n_vocab must be at least 1");
+        if (token < 0 || token >= n_vocab) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "token " + std::to_string(token) + " is outside the vocabulary [0, " +
+                                                        std::to_string(n_vocab) + ")");
+        }
+        if (top_k < 1 || top_k > n_vocab) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "top_k must be between 1 and n_vocab " + std::to_string(n_vocab) +
+                                                        "; got " + std::to_string(top_k));
+        }
+        if (!pymoi::beta_is_valid(beta)) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT,
+                        "beta must be >= 0, +inf, or <= -99 for the direct mixture; got " + std::to_string(beta));
+        }
+        pymoi::select_top_k(logits, n_vocab, top_k, out_ids);
+        std::string   error;
+        const int32_t n = pymoi::mixture_weights(logits, top_k, token, beta, out_ids, out_weights, &error);
+        if (n < 0) return fail(PYMOI_ERR_INVALID_ARGUMENT, error);
+        *out_n = n;
+        return PYMOI_OK;
+    });
+}
+
+pymoi_status pymoi_embedding_rows_open(const char * gguf_path, pymoi_embedding_rows ** out_rows) {
+    return guarded([&] {
+        if (gguf_path == nullptr || out_rows == nullptr) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "path and out_rows must not be null");
+        }
+        int         status = PYMOI_OK;
+        std::string error;
+        auto        rows = pymoi::EmbeddingRows::open(gguf_path, &status, &error);
+        if (!rows) return to_status(status, error);
+        *out_rows = new pymoi_embedding_rows { std::move(rows) };
+        return PYMOI_OK;
+    });
+}
+
+void pymoi_embedding_rows_free(pymoi_embedding_rows * rows) {
+    delete rows;
+}
+
+pymoi_status pymoi_embedding_rows_info_get(const pymoi_embedding_rows * rows, pymoi_embedding_rows_info * out_info) {
+    if (rows == nullptr || out_info == nullptr) {
+        return fail(PYMOI_ERR_INVALID_ARGUMENT, "rows and out_info must not be null");
+    }
+    out_info->n_embd    = rows->rows->n_embd();
+    out_info->n_vocab   = rows->rows->n_vocab();
+    out_info->ggml_type = rows->rows->type();
+    return PYMOI_OK;
+}
+
+pymoi_status pymoi_embedding_rows_dequantise(const pymoi_embedding_rows * rows, int32_t token, float * out) {
+    if (rows == nullptr || out == nullptr) return fail(PYMOI_ERR_INVALID_ARGUMENT, "rows and out must not be null");
+    if (token < 0 || token >= rows->rows->n_vocab()) {
+        return fail(PYMOI_ERR_INVALID_ARGUMENT, "token " + std::to_string(token) + " is outside the vocabulary [0, " +
+                                                    std::to_string(rows->rows->n_vocab()) + ")");
+    }
+    rows->rows->dequantise(token, out);
+    return PYMOI_OK;
+}
+
+pymoi_status pymoi_session_open(llama_model * model, llama_context * ctx, const char * model_path,
+                                pymoi_session ** out_session) {
+    return guarded([&] {
+        if (model_path == nullptr || out_session == nullptr) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "model_path and out_session must not be null");
+        }
+        int         status = PYMOI_OK;
+        std::string error;
+        auto        step = pymoi::DecodeStep::open(model, ctx, model_path, &status, &error);
+        if (!step) return to_status(status, error);
+        *out_session = new pymoi_session { std::move(step) };
+        return PYMOI_OK;
+    });
+}
+
+void pymoi_session_free(pymoi_session * session) {
+    delete session;
+}
+
+pymoi_status pymoi_session_begin(pymoi_session * session, float beta, int32_t top_k) {
+    return guarded([&] {
+        if (session == nullptr) return fail(PYMOI_ERR_INVALID_ARGUMENT, "session must not be null");
+        std::string error;
+        return to_status(session->step->begin(beta, top_k, &error), error);
+    });
+}
+
+pymoi_status pymoi_session_step(pymoi_session * session, llama_sampler * sampler, int32_t n_past,
+                                llama_token * out_token) {
+    return guarded([&] {
+        if (session == nullptr || out_token == nullptr) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "session and out_token must not be null");
+        }
+        std::string error;
+        return to_status(session->step->step(sampler, n_past, out_token, &error), error);
+    });
+}
+
+pymoi_status pymoi_session_flush(pymoi_session * session, int32_t n_past) {
+    return guarded([&] {
+        if (session == nullptr) return fail(PYMOI_ERR_INVALID_ARGUMENT, "session must not be null");
+        std::string error;
+        return to_status(session->step->flush(n_past, &error), error);
+    });
+}
+
+bool pymoi_session_has_pending(const pymoi_session * session) {
+    return session != nullptr && session->step->has_pending();
+}
+
+}  // extern "C"

@@ -1,0 +1,115 @@
+// pymoi: Mixture of Inputs (MoI) decoding on top of llama.cpp.
+//
+// A flat C ABI. Every function that can fail returns a pymoi_status; on failure
+// pymoi_last_error() returns a message for the calling thread. No C++ exception
+// crosses this boundary.
+//
+// Ownership: objects returned through an out-pointer belong to the caller and
+// are released with the matching *_free function. Pointers to llama.cpp objects
+// (llama_model, llama_context, llama_sampler) are borrowed: they must outlive
+// every pymoi object that was given them.
+#ifndef PYMOI_H
+#define PYMOI_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "llama.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#    define PYMOI_API __declspec(dllexport)
+#else
+#    define PYMOI_API __attribute__((visibility("default")))
+#endif
+
+typedef enum pymoi_status {
+    PYMOI_OK                   = 0,
+    PYMOI_ERR_INVALID_ARGUMENT = 1,  // a parameter is out of range
+    PYMOI_ERR_IO               = 2,  // a file could not be opened or mapped
+    PYMOI_ERR_FORMAT           = 3,  // a file is not a usable GGUF model
+    PYMOI_ERR_UNSUPPORTED      = 4,  // the model cannot take a mixed input
+    PYMOI_ERR_DECODE           = 5,  // llama_decode failed
+    PYMOI_ERR_CONTEXT_FULL     = 6,  // no room left in the context window
+    PYMOI_ERR_INTERNAL         = 7,  // out of memory or another unexpected failure
+} pymoi_status;
+
+// Message describing the last failure on this thread ("" if none). Valid until
+// the next pymoi call on the same thread.
+PYMOI_API const char * pymoi_last_error(void);
+
+// beta values at or below this select the direct mixture (weights = prior over
+// the top-K, sampled token ignored), as in the authors' mixinputs package.
+#define PYMOI_DIRECT_MIXTURE_BETA (-99.0f)
+
+// True if beta is a valid mixing strength: finite and >= 0, +infinity (plain
+// token input), or <= PYMOI_DIRECT_MIXTURE_BETA.
+PYMOI_API bool pymoi_beta_is_valid(float beta);
+
+// Mixture weights for one position.
+//   logits:   n_vocab raw logits (before temperature, penalties, grammar)
+//   token:    the sampled token y, 0 <= token < n_vocab
+//   top_k:    number of candidates K, 1 <= top_k <= n_vocab
+//   out_ids, out_weights: caller-provided arrays of at least top_k + 1 entries
+//   out_n:    number of entries written (K, or K + 1 when y is not among the
+//             top K; 1 for beta = +infinity)
+// Candidates are ordered by logit, highest first, lower id first on ties; y
+// comes last when it is not a candidate. The weights sum to 1.
+PYMOI_API pymoi_status pymoi_mixture_weights(
+        const float * logits, int32_t n_vocab, int32_t token, float beta, int32_t top_k,
+        int32_t * out_ids, float * out_weights, int32_t * out_n);
+
+// Rows of a model's token-embedding matrix, read from the memory-mapped GGUF
+// file (or the split that holds it) and dequantised one row at a time.
+typedef struct pymoi_embedding_rows pymoi_embedding_rows;
+
+typedef struct pymoi_embedding_rows_info {
+    int64_t n_embd;       // floats per row
+    int64_t n_vocab;      // rows
+    int32_t ggml_type;    // enum ggml_type of the stored matrix
+} pymoi_embedding_rows_info;
+
+PYMOI_API pymoi_status pymoi_embedding_rows_open(const char * gguf_path, pymoi_embedding_rows ** out_rows);
+PYMOI_API void         pymoi_embedding_rows_free(pymoi_embedding_rows * rows);
+PYMOI_API pymoi_status pymoi_embedding_rows_info_get(const pymoi_embedding_rows * rows, pymoi_embedding_rows_info * out_info);
+// Writes the n_embd floats of row `token` to out.
+PYMOI_API pymoi_status pymoi_embedding_rows_dequantise(const pymoi_embedding_rows * rows, int32_t token, float * out);
+
+// The per-token MoI step on a llama_context owned by the caller.
+typedef struct pymoi_session pymoi_session;
+
+// Opens a session for `model` / `ctx`, whose weights were loaded from
+// `model_path`. Fails with PYMOI_ERR_UNSUPPORTED, naming the architecture, for
+// models whose graph reads the input token ids beyond the embedding lookup.
+PYMOI_API pymoi_status pymoi_session_open(
+        struct llama_model * model, struct llama_context * ctx, const char * model_path,
+        pymoi_session ** out_session);
+PYMOI_API void pymoi_session_free(pymoi_session * session);
+
+// Starts a generation: forgets any mixture not yet decoded and sets the mixing
+// parameters. The caller has just decoded the prompt as tokens, so the context
+// holds the logits of its last position.
+PYMOI_API pymoi_status pymoi_session_begin(pymoi_session * session, float beta, int32_t top_k);
+
+// One generated token. If the previous step left a mixture, decodes it at
+// position n_past (sequence 0) first. Then samples the next token from the
+// current logits with `sampler` (llama_sampler_sample: the sampler accepts it),
+// computes that token's mixture and keeps it for the next step.
+PYMOI_API pymoi_status pymoi_session_step(
+        pymoi_session * session, struct llama_sampler * sampler, int32_t n_past, llama_token * out_token);
+
+// Decodes the pending mixture, if any, at position n_past without sampling
+// (before token input is appended to the sequence).
+PYMOI_API pymoi_status pymoi_session_flush(pymoi_session * session, int32_t n_past);
+
+// True if a mixture is waiting to be decoded.
+PYMOI_API bool pymoi_session_has_pending(const pymoi_session * session);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif  // PYMOI_H

@@ -1,0 +1,89 @@
+"""ctypes binding of the native library (native/pymoi.h)."""
+
+from __future__ import annotations
+
+import ctypes
+import pathlib
+import sys
+
+import llama_cpp  # loads libllama first, so the native library binds to that copy
+
+PYMOI_OK = 0
+PYMOI_ERR_INVALID_ARGUMENT = 1
+PYMOI_ERR_IO = 2
+PYMOI_ERR_FORMAT = 3
+PYMOI_ERR_UNSUPPORTED = 4
+PYMOI_ERR_DECODE = 5
+PYMOI_ERR_CONTEXT_FULL = 6
+PYMOI_ERR_INTERNAL = 7
+
+
+class PymoiError(RuntimeError):
+    """A failure reported by the native MoI code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class embedding_rows_info(ctypes.Structure):
+    _fields_ = [
+        ("n_embd", ctypes.c_int64),
+        ("n_vocab", ctypes.c_int64),
+        ("ggml_type", ctypes.c_int32),
+    ]
+
+
+def _library_path() -> pathlib.Path:
+    names = {"win32": "pymoi.dll", "darwin": "libpymoi.dylib"}
+    return pathlib.Path(__file__).with_name(names.get(sys.platform, "libpymoi.so"))
+
+
+def _load() -> ctypes.CDLL:
+    path = _library_path()
+    if not path.exists():
+        raise ImportError(f"pymoi_cpp's native library is missing at {path}: reinstall with 'pip install pymoi-cpp'")
+    lib = ctypes.CDLL(str(path))
+    c_float_p = ctypes.POINTER(ctypes.c_float)
+    c_int32_p = ctypes.POINTER(ctypes.c_int32)
+    signatures = {
+        "pymoi_last_error": ([], ctypes.c_char_p),
+        "pymoi_beta_is_valid": ([ctypes.c_float], ctypes.c_bool),
+        "pymoi_mixture_weights": (
+            [c_float_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_int32, c_int32_p, c_float_p, c_int32_p],
+            ctypes.c_int,
+        ),
+        "pymoi_embedding_rows_open": ([ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)], ctypes.c_int),
+        "pymoi_embedding_rows_free": ([ctypes.c_void_p], None),
+        "pymoi_embedding_rows_info_get": ([ctypes.c_void_p, ctypes.POINTER(embedding_rows_info)], ctypes.c_int),
+        "pymoi_embedding_rows_dequantise": ([ctypes.c_void_p, ctypes.c_int32, c_float_p], ctypes.c_int),
+        "pymoi_session_open": (
+            [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)],
+            ctypes.c_int,
+        ),
+        "pymoi_session_free": ([ctypes.c_void_p], None),
+        "pymoi_session_begin": ([ctypes.c_void_p, ctypes.c_float, ctypes.c_int32], ctypes.c_int),
+        "pymoi_session_step": (
+            [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32)],
+            ctypes.c_int,
+        ),
+        "pymoi_session_flush": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_int),
+        "pymoi_session_has_pending": ([ctypes.c_void_p], ctypes.c_bool),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes = argtypes
+        function.restype = restype
+    return lib
+
+
+lib = _load()
+
+
+def check(status: int) -> None:
+    """Raises PymoiError for a failed native call."""
+    if status != PYMOI_OK:
+        raise PymoiError(status, lib.pymoi_last_error().decode("utf-8", "replace"))
+
+
+__all__ = ["PymoiError", "check", "lib", "llama_cpp"]

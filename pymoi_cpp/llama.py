@@ -1,0 +1,348 @@
+"""pymoi_cpp.Llama: llama_cpp.Llama with Mixture of Inputs decoding."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+from typing import Any, Generator, Iterator, Optional, Sequence, Union
+
+import llama_cpp
+import numpy as np
+from llama_cpp import LlamaGrammar, LogitsProcessorList, StoppingCriteriaList
+
+from ._native import PYMOI_ERR_FORMAT, PYMOI_ERR_IO, PYMOI_ERR_UNSUPPORTED, PymoiError, check, lib
+from .embedding_rows import EmbeddingRows
+from .mixing import validate_beta, validate_top_k
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+"""Default of per-call `beta`: use the instance's beta."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MoiSettings:
+    """Mixing parameters of one generation; beta None means ordinary decoding."""
+
+    beta: Optional[float]
+    top_k: int
+
+
+def _check_model_file(model_path: str) -> Optional[str]:
+    """Raises for a model file llama.cpp cannot load; returns why MoI cannot use it, if so."""
+    if not os.path.isfile(model_path):
+        raise FileNotFoundError(f"model file '{model_path}' does not exist: pass the path of a .gguf file")
+    try:
+        EmbeddingRows(model_path).close()
+    except PymoiError as error:
+        if error.status == PYMOI_ERR_UNSUPPORTED:
+            return str(error)
+        if error.status in (PYMOI_ERR_IO, PYMOI_ERR_FORMAT):
+            raise ValueError(f"cannot load model: {error}") from None
+        raise
+    return None
+
+
+def _lora_touches_token_embeddings(lora_path: str) -> bool:
+    import gguf
+
+    reader = gguf.GGUFReader(lora_path)
+    return any(tensor.name.startswith("token_embd.weight") for tensor in reader.tensors)
+
+
+class Llama(llama_cpp.Llama):
+    """A llama_cpp.Llama that decodes with Mixture of Inputs (Zhuang et al., arXiv 2505.14827).
+
+    After each sampled token the next step is fed a blend of that token's embedding and
+    the embeddings of the `moi_top_k` most likely tokens, weighted by a posterior with
+    strength `beta`: large beta stays close to the sampled token, small beta close to the
+    distribution. beta=None decodes exactly as llama_cpp.Llama; beta <= -99 feeds the
+    direct mixture (the distribution over the top K, sample ignored).
+
+    Every other argument is llama_cpp.Llama's. generate(), create_completion(),
+    __call__() and create_chat_completion() also take `beta=` and `moi_top_k=` for one
+    call.
+    """
+
+    def __init__(self, model_path: str, *, beta: Optional[float] = 1.0, moi_top_k: int = 20, **kwargs: Any) -> None:
+        self._moi_session: Optional[ctypes.c_void_p] = None
+        self._moi_call: Optional[MoiSettings] = None
+        self._moi_next_generate: Optional[MoiSettings] = None
+        self._moi_mixed_from: Optional[int] = None
+        self._moi_generation: Optional[object] = None
+        beta = validate_beta(beta)
+        model_path = os.fspath(model_path)
+        refusal = _check_model_file(model_path)
+        lora_path = kwargs.get("lora_path")
+        if refusal is None and lora_path and _lora_touches_token_embeddings(lora_path):
+            refusal = f"the LoRA adapter '{lora_path}' changes the token embeddings, which a mixture of inputs bypasses"
+        if refusal is not None and beta is not None:
+            raise ValueError(f"{refusal}; load it with beta=None for ordinary decoding")
+        super().__init__(model_path, **kwargs)
+        self._moi_refusal = refusal
+        try:
+            self._beta = beta
+            self._moi_top_k = validate_top_k(moi_top_k, self.n_vocab())
+            if refusal is None:
+                self._open_session()
+        except Exception:
+            self.close()
+            raise
+
+    def _open_session(self) -> None:
+        session = ctypes.c_void_p()
+        try:
+            check(
+                lib.pymoi_session_open(
+                    ctypes.cast(self._model.model, ctypes.c_void_p),
+                    ctypes.cast(self._ctx.ctx, ctypes.c_void_p),
+                    os.fsencode(self.model_path),
+                    ctypes.byref(session),
+                )
+            )
+        except PymoiError as error:
+            if error.status != PYMOI_ERR_UNSUPPORTED or self._beta is not None:
+                raise ValueError(f"{error}; load it with beta=None for ordinary decoding") from None
+            self._moi_refusal = str(error)
+            return
+        self._moi_session = session
+        self._stack.callback(self._free_session)
+
+    def _free_session(self) -> None:
+        if self._moi_session is not None:
+            lib.pymoi_session_free(self._moi_session)
+            self._moi_session = None
+
+    @property
+    def beta(self) -> Optional[float]:
+        """Default mixing strength: None for ordinary decoding, >= 0 for MoI, <= -99 for the direct mixture."""
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: Optional[float]) -> None:
+        value = validate_beta(value)
+        if value is not None and self._moi_refusal is not None:
+            raise ValueError(self._moi_refusal)
+        self._beta = value
+
+    @property
+    def moi_top_k(self) -> int:
+        """Default number of candidate tokens in each mixture."""
+        return self._moi_top_k
+
+    @moi_top_k.setter
+    def moi_top_k(self, value: int) -> None:
+        self._moi_top_k = validate_top_k(value, self.n_vocab())
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(super().__getstate__(), beta=self._beta, moi_top_k=self._moi_top_k)
+
+    # -- per-call settings -------------------------------------------------
+
+    def _settings(self, beta: Any, moi_top_k: Optional[int]) -> MoiSettings:
+        base = self._moi_call or MoiSettings(self._beta, self._moi_top_k)
+        resolved_beta = base.beta if beta is UNSET else validate_beta(beta)
+        top_k = base.top_k if moi_top_k is None else validate_top_k(moi_top_k, self.n_vocab())
+        if resolved_beta is not None and self._moi_refusal is not None:
+            raise ValueError(self._moi_refusal)
+        return MoiSettings(resolved_beta, top_k)
+
+    @contextlib.contextmanager
+    def _call_scope(self, beta: Any, moi_top_k: Optional[int]) -> Iterator[None]:
+        previous = self._moi_call
+        self._moi_call = self._settings(beta, moi_top_k)
+        try:
+            yield
+        finally:
+            self._moi_call = previous
+
+    def _create_completion(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        settings = self._settings(UNSET, None)
+        return self._generating_with(settings, super()._create_completion(*args, **kwargs))
+
+    def _generating_with(self, settings: MoiSettings, completion: Iterator[Any]) -> Iterator[Any]:
+        self._moi_next_generate = settings
+        try:
+            yield from completion
+        finally:
+            self._moi_next_generate = None
+
+    def create_completion(self, prompt: Union[str, list[int]], *args: Any, beta: Any = UNSET, moi_top_k: Optional[int] = None, **kwargs: Any) -> Any:
+        """llama_cpp.Llama.create_completion, with `beta` and `moi_top_k` for this call."""
+        with self._call_scope(beta, moi_top_k):
+            return super().create_completion(prompt, *args, **kwargs)
+
+    def __call__(self, prompt: str, *args: Any, beta: Any = UNSET, moi_top_k: Optional[int] = None, **kwargs: Any) -> Any:
+        """llama_cpp.Llama.__call__, with `beta` and `moi_top_k` for this call."""
+        with self._call_scope(beta, moi_top_k):
+            return super().__call__(prompt, *args, **kwargs)
+
+    def create_chat_completion(self, *args: Any, beta: Any = UNSET, moi_top_k: Optional[int] = None, **kwargs: Any) -> Any:
+        """llama_cpp.Llama.create_chat_completion, with `beta` and `moi_top_k` for this call."""
+        with self._call_scope(beta, moi_top_k):
+            return super().create_chat_completion(*args, **kwargs)
+
+    # -- generation ----------------------------------------------------------
+
+    def generate(
+        self,
+        tokens: Sequence[int],
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        temp: float = 0.80,
+        repeat_penalty: float = 1.0,
+        reset: bool = True,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        penalize_nl: bool = True,
+        logits_processor: Optional[LogitsProcessorList] = None,
+        stopping_criteria: Optional[StoppingCriteriaList] = None,
+        grammar: Optional[LlamaGrammar] = None,
+        *,
+        beta: Any = UNSET,
+        moi_top_k: Optional[int] = None,
+    ) -> Generator[int, Optional[Sequence[int]], None]:
+        """llama_cpp.Llama.generate, decoding with MoI unless the resolved beta is None.
+
+        `beta` / `moi_top_k` override the instance's (or the enclosing completion call's)
+        for this generation. Positions fed a mixture are dropped from the KV cache when
+        the generation ends, so no later request reuses them as token positions.
+        """
+        pending = self._moi_next_generate
+        self._moi_next_generate = None
+        if beta is UNSET and moi_top_k is None and pending is not None:
+            settings = pending
+        else:
+            settings = self._settings(beta, moi_top_k)
+        had_mixed_positions = self._discard_mixed_positions()
+        sampling = dict(
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            temp=temp,
+            repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            tfs_z=tfs_z,
+            mirostat_mode=mirostat_mode,
+            mirostat_tau=mirostat_tau,
+            mirostat_eta=mirostat_eta,
+            penalize_nl=penalize_nl,
+            logits_processor=logits_processor,
+            grammar=grammar,
+        )
+        if not reset and had_mixed_positions:
+            raise ValueError(
+                "reset=False cannot continue a MoI generation: its positions were fed mixtures, not tokens; "
+                "pass the whole token list with reset=True"
+            )
+        if settings.beta is None:
+            return super().generate(tokens, reset=reset, stopping_criteria=stopping_criteria, **sampling)
+        if self.draft_model is not None:
+            raise ValueError("MoI cannot be combined with draft_model: speculative decoding verifies token inputs")
+        tokens = list(tokens)
+        if not tokens:
+            raise ValueError("generate() needs at least one prompt token")
+        if len(tokens) > self._n_ctx:
+            raise ValueError(
+                f"the prompt has {len(tokens)} tokens but the context window holds {self._n_ctx}: "
+                "shorten the prompt or create the model with a larger n_ctx"
+            )
+        return self._generate_moi(settings, tokens, reset, stopping_criteria, sampling)
+
+    def _discard_mixed_positions(self) -> bool:
+        """Drops KV positions that were fed a mixture; returns whether there were any."""
+        mixed_from = self._moi_mixed_from
+        if mixed_from is None:
+            return False
+        self._moi_mixed_from = None
+        self._moi_generation = None
+        if self.n_tokens > mixed_from:
+            self.n_tokens = mixed_from
+            self._ctx.kv_cache_seq_rm(-1, mixed_from, -1)
+        # The live logits belong to a mixed position, not to the token prefix.
+        self._requires_eval = True
+        return True
+
+    def _eval_prompt(self, tokens: list[int], reset: bool) -> None:
+        if reset and self.n_tokens > 0:
+            common = 0
+            for cached, token in zip(self._input_ids, tokens):
+                if cached != token:
+                    break
+                common += 1
+            # Always decode the last prompt token again: its logits start the generation.
+            reuse = min(common, len(tokens) - 1)
+            if reuse > 0 and self._ctx.kv_cache_seq_rm(-1, reuse, -1):
+                reset = False
+                tokens = tokens[reuse:]
+                self.n_tokens = reuse
+        if reset:
+            self.reset()
+        self.eval(tokens)
+
+    def _current_logits(self) -> np.ndarray:
+        logits = llama_cpp.llama_get_logits_ith(self._ctx.ctx, -1)
+        return np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).copy()
+
+    def _generate_moi(
+        self,
+        settings: MoiSettings,
+        tokens: list[int],
+        reset: bool,
+        stopping_criteria: Optional[StoppingCriteriaList],
+        sampling: dict[str, Any],
+    ) -> Generator[int, Optional[Sequence[int]], None]:
+        self._mirostat_mu = ctypes.c_float(2.0 * sampling["mirostat_tau"])
+        self._sampler = self._init_sampler(**sampling)
+        sampler = ctypes.cast(self._sampler.sampler, ctypes.c_void_p)
+        self._eval_prompt(tokens, reset)
+        generation = object()
+        self._moi_generation = generation
+        self._moi_mixed_from = self.n_tokens
+        session = self._moi_session
+        token = ctypes.c_int32(0)
+        try:
+            check(lib.pymoi_session_begin(session, settings.beta, settings.top_k))
+            check(lib.pymoi_session_step(session, sampler, self.n_tokens, ctypes.byref(token)))
+            while True:
+                if stopping_criteria is not None and stopping_criteria(
+                    self._input_ids[: self.n_tokens], self._current_logits()
+                ):
+                    return
+                extra_tokens = yield token.value
+                n_past = self.n_tokens
+                if n_past >= self._n_ctx:
+                    raise PymoiError(
+                        0,
+                        f"the context window is full (n_ctx={self._n_ctx}): create the model with a larger n_ctx "
+                        "or generate fewer tokens",
+                    )
+                self.input_ids[n_past] = token.value
+                self.n_tokens = n_past + 1
+                try:
+                    if extra_tokens:
+                        check(lib.pymoi_session_flush(session, n_past))
+                        self.eval(list(extra_tokens))
+                    check(lib.pymoi_session_step(session, sampler, n_past, ctypes.byref(token)))
+                except BaseException:
+                    self.n_tokens = n_past
+                    raise
+                if self._logits_all:
+                    self.scores[self.n_tokens - 1, :] = self._current_logits()
+        finally:
+            if self._moi_generation is generation:
+                self._discard_mixed_positions()
