@@ -30,6 +30,8 @@ K_QUANT_EMBEDDING_TYPES: tuple[str, ...] = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_
 HEAD_DIM = 16
 """Per-head dimension of every tiny model; ``n_head = n_embd // HEAD_DIM`` and ``n_head_kv = n_head // 2``."""
 
+_ATTN_GAIN, _FFN_GAIN = 0.25, 2.0  # scales of the attention / FFN branch outputs, see _random_tensors
+
 _CONTROL_TOKENS = ("<unk>", "<s>", "</s>")
 _UNK_ID, _BOS_ID, _EOS_ID = range(len(_CONTROL_TOKENS))
 
@@ -102,14 +104,15 @@ def _random_tensors(
 ) -> dict[str, np.ndarray]:
     """All F32 tensors by GGUF name, numpy shape (rows, cols) = ggml shape reversed.
 
-    Matmul weights have std 1/sqrt(fan_in), token embeddings std 1/sqrt(n_embd)
-    (as in trained models), norms are 1 except ``output_norm``, which is a random +-1.  Both
-    matter with tied embeddings: the small embeddings let the (pre-normed,
-    RMS ~1) attention/FFN outputs outweigh the raw embedding in the residual
-    stream, and the sign pattern keeps a token's own embedding from scoring
-    itself highest; otherwise greedy decoding repeats the last token forever.
-    The control tokens' output rows are scaled down so greedy decoding does not
-    pick them (in particular EOS), which keeps generation running.
+    Matmul weights have std 1/sqrt(fan_in); token embedding and output rows
+    are random unit vectors (no "hub" tokens with large norms); norms are 1,
+    except ``output_norm``, a random +-1 (with tied embeddings a positive norm
+    makes a token's own embedding score highest).  The attention branch is
+    scaled by ``_ATTN_GAIN`` and the token-specific FFN branch by ``_FFN_GAIN``
+    (on the post norms where the architecture has them): with plain weights,
+    attention averages the context into a common component and greedy
+    decoding soon repeats one token.  The control tokens' output rows are
+    scaled down so greedy decoding never picks them (in particular EOS).
     """
 
     def linear(n_out: int, n_in: int) -> np.ndarray:
@@ -125,7 +128,7 @@ def _random_tensors(
     n_q = n_embd
     n_kv = n_embd // 2
     tensors: dict[str, np.ndarray] = {
-        "token_embd.weight": (1.0 if tied else EMB(n_embd)) * unit_rows(n_vocab, n_embd),
+        "token_embd.weight": unit_rows(n_vocab, n_embd),
         "output_norm.weight": rng.choice(np.array([-1.0, 1.0], dtype=np.float32), n_embd),
     }
     if not tied:
@@ -139,9 +142,9 @@ def _random_tensors(
             "attn_q.weight": linear(n_q, n_embd),
             "attn_k.weight": linear(n_kv, n_embd),
             "attn_v.weight": linear(n_kv, n_embd),
-            "attn_output.weight": ATT * linear(n_embd, n_q),
+            "attn_output.weight": _ATTN_GAIN * linear(n_embd, n_q),
             "ffn_norm.weight": ones(n_embd),
-            "ffn_down.weight": FFN * linear(n_embd, n_ff),
+            "ffn_down.weight": _FFN_GAIN * linear(n_embd, n_ff),
         }
         if spec.fused_up_gate:
             blk["ffn_up.weight"] = linear(2 * n_ff, n_embd)
@@ -155,8 +158,8 @@ def _random_tensors(
             blk["attn_q_norm.weight"] = ones(HEAD_DIM)
             blk["attn_k_norm.weight"] = ones(HEAD_DIM)
         if spec.post_norms:
-            blk["post_attention_norm.weight"] = PA * ones(n_embd)
-            blk["post_ffw_norm.weight"] = PF * ones(n_embd)
+            blk["post_attention_norm.weight"] = _ATTN_GAIN * ones(n_embd)
+            blk["post_ffw_norm.weight"] = _FFN_GAIN * ones(n_embd)
         tensors.update((f"blk.{i}.{name}", t) for name, t in blk.items())
     return tensors
 
