@@ -3,6 +3,7 @@
 #include <new>
 #include <string>
 
+#include "architecture.h"
 #include "decode_step.h"
 #include "embedding_rows.h"
 #include "mixer.h"
@@ -80,6 +81,18 @@ pymoi_status pymoi_mixture_weights(const float * logits, int32_t n_vocab, int32_
         const int32_t n = pymoi::mixture_weights(logits, top_k, token, beta, out_ids, out_weights, &error);
         if (n < 0) return fail(PYMOI_ERR_INVALID_ARGUMENT, error);
         *out_n = n;
+        return PYMOI_OK;
+    });
+}
+
+pymoi_status pymoi_architecture_check(const char * architecture, int32_t n_embd, float * out_token_only_scale) {
+    return guarded([&] {
+        if (architecture == nullptr || out_token_only_scale == nullptr) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "architecture and out_token_only_scale must not be null");
+        }
+        const pymoi::TokenInputPolicy policy = pymoi::token_input_policy(architecture, n_embd);
+        if (!policy.supported) return fail(PYMOI_ERR_UNSUPPORTED, policy.reason);
+        *out_token_only_scale = policy.token_only_scale;
         return PYMOI_OK;
     });
 }

@@ -62,6 +62,12 @@ PYMOI_API pymoi_status pymoi_mixture_weights(
         const float * logits, int32_t n_vocab, int32_t token, float beta, int32_t top_k,
         int32_t * out_ids, float * out_weights, int32_t * out_n);
 
+// Whether a model of `architecture` (GGUF general.architecture) with input
+// width n_embd can take a mixture of inputs. On success writes the factor the
+// graph applies to token embeddings only, which a mixture must carry itself;
+// fails with PYMOI_ERR_UNSUPPORTED, naming the architecture, otherwise.
+PYMOI_API pymoi_status pymoi_architecture_check(const char * architecture, int32_t n_embd, float * out_token_only_scale);
+
 // Rows of a model's token-embedding matrix, read from the memory-mapped GGUF
 // file (or the split that holds it) and dequantised one row at a time.
 typedef struct pymoi_embedding_rows pymoi_embedding_rows;

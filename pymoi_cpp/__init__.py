@@ -8,7 +8,7 @@ sampled token's embedding and the likely alternatives, weighted with one knob, b
 from ._native import PymoiError
 from .embedding_rows import EmbeddingRows
 from .llama import UNSET, Llama, MoiSettings
-from .mixing import DIRECT_MIXTURE_BETA, mixture_weights, validate_beta
+from .mixing import DIRECT_MIXTURE_BETA, check_architecture, mixture_weights, validate_beta
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "MoiSettings",
     "PymoiError",
     "UNSET",
+    "check_architecture",
     "mixture_weights",
     "validate_beta",
     "__version__",

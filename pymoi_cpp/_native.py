@@ -42,7 +42,10 @@ def _library_path() -> pathlib.Path:
 def _load() -> ctypes.CDLL:
     path = _library_path()
     if not path.exists():
-        raise ImportError(f"pymoi_cpp's native library is missing at {path}: reinstall with 'pip install pymoi-cpp'")
+        raise ImportError(
+            f"pymoi_cpp's native library is missing at {path}: install the package (pip install --no-build-isolation .) "
+            "and import it from outside the source tree"
+        )
     lib = ctypes.CDLL(str(path))
     c_float_p = ctypes.POINTER(ctypes.c_float)
     c_int32_p = ctypes.POINTER(ctypes.c_int32)
@@ -53,6 +56,7 @@ def _load() -> ctypes.CDLL:
             [c_float_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_int32, c_int32_p, c_float_p, c_int32_p],
             ctypes.c_int,
         ),
+        "pymoi_architecture_check": ([ctypes.c_char_p, ctypes.c_int32, c_float_p], ctypes.c_int),
         "pymoi_embedding_rows_open": ([ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)], ctypes.c_int),
         "pymoi_embedding_rows_free": ([ctypes.c_void_p], None),
         "pymoi_embedding_rows_info_get": ([ctypes.c_void_p, ctypes.POINTER(embedding_rows_info)], ctypes.c_int),

@@ -83,3 +83,15 @@ def mixture_weights(
     except RuntimeError as error:
         raise ValueError(str(error)) from None
     return ids[: count.value].copy(), weights[: count.value].copy()
+
+
+def check_architecture(architecture: str, n_embd: int) -> float:
+    """Factor a mixture must carry for a model of `architecture` (its token path scales
+    token embeddings by it, embedding input not); ValueError naming the architecture if
+    its graph cannot take a mixture of inputs."""
+    scale = ctypes.c_float(0.0)
+    try:
+        check(lib.pymoi_architecture_check(architecture.encode(), int(n_embd), ctypes.byref(scale)))
+    except RuntimeError as error:
+        raise ValueError(str(error)) from None
+    return scale.value

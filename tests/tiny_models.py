@@ -16,8 +16,6 @@ import ctypes
 import os
 import pathlib
 from dataclasses import dataclass
-from typing import Any
-
 import gguf
 import numpy as np
 
@@ -62,10 +60,11 @@ ARCHITECTURES: tuple[str, ...] = tuple(_ARCH_SPECS)
 
 
 def _add_vocab(writer: gguf.GGUFWriter, n_vocab: int) -> None:
-    """Write a SentencePiece-style ("llama") vocabulary: control tokens, 256 byte tokens, then fillers."""
+    """Write a SentencePiece-style ("llama") vocabulary: control tokens, 256 byte tokens, then filler pieces."""
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
     n_fill = n_vocab - len(_CONTROL_TOKENS) - len(byte_tokens)
-    tokens = [*_CONTROL_TOKENS, *byte_tokens, *(f"\u2581t{i}" for i in range(n_fill))]
+    # "\u2581" (SentencePiece's space) first, so that text with spaces round-trips
+    tokens = [*_CONTROL_TOKENS, *byte_tokens, "\u2581", *(f"\u2581t{i}" for i in range(1, n_fill))]
     types = (
         [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
         + [gguf.TokenType.BYTE] * len(byte_tokens)
@@ -250,6 +249,6 @@ def quantize_with_llama(src: str | os.PathLike[str], dst: str | os.PathLike[str]
     return dst
 
 
-def _token_embd_tensor(path: pathlib.Path) -> Any:
+def _token_embd_tensor(path: pathlib.Path) -> gguf.ReaderTensor:
     """The ``ReaderTensor`` of ``token_embd.weight`` in the GGUF file at ``path``."""
     return next(t for t in gguf.GGUFReader(path).tensors if t.name == "token_embd.weight")
