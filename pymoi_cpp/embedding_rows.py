@@ -19,9 +19,10 @@ class EmbeddingRows:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._handle: ctypes.c_void_p | None = None
         handle = ctypes.c_void_p()
         check(lib.pymoi_embedding_rows_open(os.fsencode(path), ctypes.byref(handle)))
-        self._handle: ctypes.c_void_p | None = handle
+        self._handle = handle
         info = embedding_rows_info()
         check(lib.pymoi_embedding_rows_info_get(handle, ctypes.byref(info)))
         self.n_embd = int(info.n_embd)

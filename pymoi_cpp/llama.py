@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import dataclasses
 import os
+import re
 from typing import Any, Generator, Iterator, Optional, Sequence, Union
 
 import llama_cpp
@@ -34,10 +35,20 @@ class MoiSettings:
     top_k: int
 
 
+_SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+
+
 def _check_model_file(model_path: str) -> Optional[str]:
     """Raises for a model file llama.cpp cannot load; returns why MoI cannot use it, if so."""
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"model file '{model_path}' does not exist: pass the path of a .gguf file")
+    split = _SPLIT_NAME.search(model_path)
+    if split:
+        count = int(split.group(2))
+        for number in range(1, count + 1):
+            shard = f"{model_path[: split.start()]}-{number:05d}-of-{count:05d}.gguf"
+            if not os.path.isfile(shard):
+                raise FileNotFoundError(f"split {number} of {count} of the model is missing: '{shard}'")
     try:
         EmbeddingRows(model_path).close()
     except PymoiError as error:
@@ -113,6 +124,12 @@ class Llama(llama_cpp.Llama):
             return
         self._moi_session = session
         self._stack.callback(self._free_session)
+
+    def close(self) -> None:
+        """Frees the MoI session, the context and the model."""
+        # Also reached from __del__ when __init__ refused its arguments before loading.
+        if hasattr(self, "_stack"):
+            super().close()
 
     def _free_session(self) -> None:
         if self._moi_session is not None:
@@ -256,12 +273,17 @@ class Llama(llama_cpp.Llama):
         tokens = list(tokens)
         if not tokens:
             raise ValueError("generate() needs at least one prompt token")
-        if len(tokens) > self._n_ctx:
+        if len(tokens) > self._context_limit:
             raise ValueError(
-                f"the prompt has {len(tokens)} tokens but the context window holds {self._n_ctx}: "
+                f"the prompt has {len(tokens)} tokens but the context window holds {self._context_limit}: "
                 "shorten the prompt or create the model with a larger n_ctx"
             )
         return self._generate_moi(settings, tokens, stopping_criteria, sampling)
+
+    @property
+    def _context_limit(self) -> int:
+        # llama.cpp may round n_ctx up past the n_ctx llama_cpp.Llama sized its token buffer for.
+        return min(self._n_ctx, len(self.input_ids))
 
     def _discard_mixed_positions(self) -> None:
         """Drops the KV positions that were fed a mixture."""
@@ -314,10 +336,10 @@ class Llama(llama_cpp.Llama):
                     return
                 extra_tokens = yield token.value
                 n_past = self.n_tokens
-                if n_past >= self._n_ctx:
+                if n_past >= self._context_limit:
                     raise PymoiError(
                         0,
-                        f"the context window is full (n_ctx={self._n_ctx}): create the model with a larger n_ctx "
+                        f"the context window is full (n_ctx={self._context_limit}): create the model with a larger n_ctx "
                         "or generate fewer tokens",
                     )
                 self.input_ids[n_past] = token.value
