@@ -140,6 +140,7 @@ void DecodeStep::mix(int32_t n) {
             h[j] += w * row_[static_cast<size_t>(j)];
         }
     }
+    rows_->release_pages();
     if (token_only_scale_ != 1.0f) {
         for (int32_t j = 0; j < n_embd_; ++j) {
             h[j] *= token_only_scale_;

@@ -75,13 +75,21 @@ void * map_file(const std::string & path, size_t * size) {
         if (base == MAP_FAILED) {
             base = nullptr;
         } else {
-            // Rows are read a few at a time in no particular order.
-            madvise(base, static_cast<size_t>(st.st_size), MADV_RANDOM);
             *size = static_cast<size_t>(st.st_size);
         }
     }
     ::close(fd);
     return base;
+#endif
+}
+
+size_t page_size() {
+#if defined(_WIN32)
+    SYSTEM_INFO info;
+    GetSystemInfo(&info);
+    return info.dwAllocationGranularity;
+#else
+    return static_cast<size_t>(sysconf(_SC_PAGESIZE));
 #endif
 }
 
@@ -182,7 +190,11 @@ std::unique_ptr<EmbeddingRows> EmbeddingRows::open(const std::string & path, int
                  std::to_string(offset + nbytes) + " of a " + std::to_string(rows->mapping_size_) + "-byte file";
         return nullptr;
     }
-    rows->first_row_ = static_cast<const uint8_t *>(rows->mapping_) + offset;
+    rows->first_row_        = static_cast<const uint8_t *>(rows->mapping_) + offset;
+    const size_t page       = page_size();
+    const size_t page_begin = offset / page * page;
+    rows->pages_begin_      = static_cast<const uint8_t *>(rows->mapping_) + page_begin;
+    rows->pages_size_       = offset + nbytes - page_begin;
     return rows;
 }
 
@@ -197,6 +209,14 @@ void EmbeddingRows::dequantise(int32_t token, float * out) const {
     } else {
         to_float_(row, out, n_embd_);
     }
+}
+
+void EmbeddingRows::release_pages() const {
+#if defined(_WIN32)
+    // Windows trims a read-only view's working set on its own.
+#else
+    madvise(const_cast<uint8_t *>(pages_begin_), pages_size_, MADV_DONTNEED);
+#endif
 }
 
 }  // namespace pymoi
