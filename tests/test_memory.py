@@ -5,6 +5,7 @@ the embedding rows read from the file do not stay mapped."""
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -31,10 +32,11 @@ print(json.dumps(samples))
 """
 
 
-def test_moi_generation_does_not_grow_the_process(gemma3_path: str) -> None:
+def test_moi_generation_does_not_grow_the_process(gemma3_path: str, tmp_path: pathlib.Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, gemma3_path], capture_output=True, text=True, timeout=600, check=True
+        [sys.executable, "-c", SCRIPT, gemma3_path], capture_output=True, text=True, timeout=600, cwd=tmp_path
     )
+    assert result.returncode == 0, result.stderr
     samples = json.loads(result.stdout.strip().splitlines()[-1])
     stock, moi = samples["stock"], samples["moi"]
     assert moi["VmRSS"] - stock["VmRSS"] < 8, samples
