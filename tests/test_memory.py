@@ -41,6 +41,7 @@ def test_moi_generation_does_not_grow_the_process(gemma3_path: str, tmp_path: pa
     stock = memory_after_generation(gemma3_path, "none", tmp_path)
     moi = memory_after_generation(gemma3_path, "1.0", tmp_path)
     report = {"stock": stock, "moi": moi}
-    assert moi["VmRSS"] - stock["VmRSS"] < 6, report
-    assert moi["VmHWM"] - stock["VmHWM"] < 6, report
+    assert moi["VmRSS"] - stock["VmRSS"] < 4, report
+    # The peak may include one transient compute allocation of a few MiB.
+    assert moi["VmHWM"] - stock["VmHWM"] < 16, report
     assert moi["RssFile"] - stock["RssFile"] < 2, report
