@@ -1,4 +1,4 @@
-"""Decode tokens/s of stock llama_cpp.Llama against pymoi_cpp.Llama (MoI and beta=None),
+"""Decode tokens/s (after the first token) of stock llama_cpp.Llama against pymoi_cpp.Llama (MoI and beta=None),
 A/B interleaved over several rounds in one process, greedy, same prompt.
 
     python benchmarks/decode_speed.py [MODEL.gguf] [--tokens 128] [--rounds 5]
@@ -18,9 +18,14 @@ from pymoi_cpp.default_model import default_model_path
 
 
 def tokens_per_second(llm: llama_cpp.Llama, prompt: list[int], n: int, **kwargs: object) -> float:
+    """Decode rate after the first token (prompt evaluation excluded)."""
+    tokens = llm.generate(prompt, temp=0.0, **kwargs)
+    next(tokens)
     start = time.perf_counter()
-    count = len(list(itertools.islice(llm.generate(prompt, temp=0.0, **kwargs), n)))
-    return count / (time.perf_counter() - start)
+    count = len(list(itertools.islice(tokens, n - 1)))
+    elapsed = time.perf_counter() - start
+    tokens.close()
+    return count / elapsed
 
 
 def main() -> None:
@@ -45,7 +50,7 @@ def main() -> None:
         for name, run in configs.items():
             results[name].append(run())
     baseline = statistics.median(results["stock llama_cpp.Llama"])
-    print(f"{path}: {args.tokens} tokens x {args.rounds} rounds, interleaved (prompt included)")
+    print(f"{path}: {args.tokens} tokens x {args.rounds} rounds, interleaved, prompt excluded")
     print(f"{'configuration':<24} {'median tok/s':>12} {'min':>8} {'max':>8} {'vs stock':>9}")
     for name, values in results.items():
         median = statistics.median(values)
