@@ -1,7 +1,7 @@
 """Decode tokens/s (after the first token) of stock llama_cpp.Llama against pymoi_cpp.Llama (MoI and beta=None),
 A/B interleaved over several rounds in one process, greedy, same prompt.
 
-    python benchmarks/decode_speed.py [MODEL.gguf] [--tokens 128] [--rounds 5]
+    python benchmarks/decode_speed.py [MODEL.gguf] [--tokens 128] [--rounds 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ def main() -> None:
     parser.add_argument("model", nargs="?", default=None, help="GGUF file (default: the embedded SmolLM2)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="decode threads (default: llama-cpp-python's)")
     args = parser.parse_args()
     path = args.model or str(default_model_path())
-    stock = llama_cpp.Llama(path, n_ctx=1024, verbose=False)
-    moi = pymoi_cpp.Llama(path, n_ctx=1024, verbose=False)
+    stock = llama_cpp.Llama(path, n_ctx=1024, n_threads=args.threads, verbose=False)
+    moi = pymoi_cpp.Llama(path, n_ctx=1024, n_threads=args.threads, verbose=False)
     prompt = stock.tokenize(b"Write a short story about a robot who learns to paint.")
     configs = {
         "stock llama_cpp.Llama": lambda: tokens_per_second(stock, prompt, args.tokens),
@@ -50,7 +51,7 @@ def main() -> None:
         for name, run in configs.items():
             results[name].append(run())
     baseline = statistics.median(results["stock llama_cpp.Llama"])
-    print(f"{path}: {args.tokens} tokens x {args.rounds} rounds, interleaved, prompt excluded")
+    print(f"{path}: {args.tokens} tokens x {args.rounds} rounds, {stock.n_threads} threads, interleaved, prompt excluded")
     print(f"{'configuration':<24} {'median tok/s':>12} {'min':>8} {'max':>8} {'vs stock':>9}")
     for name, values in results.items():
         median = statistics.median(values)
