@@ -4,9 +4,11 @@
 #include <string>
 
 #include "architecture.h"
+#include "batch_step.h"
 #include "decode_step.h"
 #include "embedding_rows.h"
 #include "mixer.h"
+#include "mixture_input.h"
 #include "pymoi.h"
 
 struct pymoi_embedding_rows {
@@ -14,7 +16,12 @@ struct pymoi_embedding_rows {
 };
 
 struct pymoi_session {
-    std::unique_ptr<pymoi::DecodeStep> step;
+    std::unique_ptr<pymoi::MixtureInput> input;
+    std::unique_ptr<pymoi::DecodeStep>   step;
+};
+
+struct pymoi_batch {
+    std::unique_ptr<pymoi::BatchStep> step;
 };
 
 namespace {
@@ -138,14 +145,15 @@ pymoi_status pymoi_embedding_rows_dequantise(const pymoi_embedding_rows * rows, 
 pymoi_status pymoi_session_open(llama_model * model, llama_context * ctx, const char * model_path,
                                 pymoi_session ** out_session) {
     return guarded([&] {
-        if (model_path == nullptr || out_session == nullptr) {
-            return fail(PYMOI_ERR_INVALID_ARGUMENT, "model_path and out_session must not be null");
+        if (model == nullptr || ctx == nullptr || model_path == nullptr || out_session == nullptr) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "model, ctx, model_path and out_session must not be null");
         }
         int         status = PYMOI_OK;
         std::string error;
-        auto        step = pymoi::DecodeStep::open(model, ctx, model_path, &status, &error);
-        if (!step) return to_status(status, error);
-        *out_session = new pymoi_session { std::move(step) };
+        auto        input = pymoi::MixtureInput::open(model, model_path, &status, &error);
+        if (!input) return to_status(status, error);
+        auto step    = std::make_unique<pymoi::DecodeStep>(*input, ctx);
+        *out_session = new pymoi_session { std::move(input), std::move(step) };
         return PYMOI_OK;
     });
 }
@@ -183,6 +191,63 @@ pymoi_status pymoi_session_flush(pymoi_session * session, int32_t n_past) {
 
 bool pymoi_session_has_pending(const pymoi_session * session) {
     return session != nullptr && session->step->has_pending();
+}
+
+pymoi_status pymoi_batch_open(pymoi_session * session, llama_context * ctx, int32_t n_seq, pymoi_batch ** out_batch) {
+    return guarded([&] {
+        if (session == nullptr || ctx == nullptr || out_batch == nullptr) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "session, ctx and out_batch must not be null");
+        }
+        int         status = PYMOI_OK;
+        std::string error;
+        auto        step = pymoi::BatchStep::open(*session->input, ctx, n_seq, &status, &error);
+        if (!step) return to_status(status, error);
+        *out_batch = new pymoi_batch { std::move(step) };
+        return PYMOI_OK;
+    });
+}
+
+void pymoi_batch_free(pymoi_batch * batch) {
+    delete batch;
+}
+
+pymoi_status pymoi_batch_begin(pymoi_batch * batch, llama_sampler * const * samplers, const float * betas,
+                               int32_t top_k) {
+    return guarded([&] {
+        if (batch == nullptr || samplers == nullptr || betas == nullptr) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "batch, samplers and betas must not be null");
+        }
+        std::string error;
+        return to_status(batch->step->begin(samplers, betas, top_k, &error), error);
+    });
+}
+
+pymoi_status pymoi_batch_prefill(pymoi_batch * batch, const llama_token * tokens, const int32_t * lengths) {
+    return guarded([&] {
+        if (batch == nullptr || tokens == nullptr || lengths == nullptr) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "batch, tokens and lengths must not be null");
+        }
+        std::string error;
+        return to_status(batch->step->prefill(tokens, lengths, &error), error);
+    });
+}
+
+pymoi_status pymoi_batch_step(pymoi_batch * batch, llama_token * out_tokens) {
+    return guarded([&] {
+        if (batch == nullptr || out_tokens == nullptr) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "batch and out_tokens must not be null");
+        }
+        std::string error;
+        return to_status(batch->step->step(out_tokens, &error), error);
+    });
+}
+
+pymoi_status pymoi_batch_finish(pymoi_batch * batch, int32_t seq) {
+    return guarded([&] {
+        if (batch == nullptr) return fail(PYMOI_ERR_INVALID_ARGUMENT, "batch must not be null");
+        std::string error;
+        return to_status(batch->step->finish(seq, &error), error);
+    });
 }
 
 }  // extern "C"

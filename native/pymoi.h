@@ -114,6 +114,34 @@ PYMOI_API pymoi_status pymoi_session_flush(pymoi_session * session, int32_t n_pa
 // True if a mixture is waiting to be decoded.
 PYMOI_API bool pymoi_session_has_pending(const pymoi_session * session);
 
+// Batched generation: n_seq sequences, KV sequence ids 0..n_seq-1 of `ctx`,
+// decoded together with one mixed row per live sequence per step. `ctx` must
+// have been created with n_seq_max >= n_seq (and n_batch >= n_seq). The batch
+// borrows the session's embedding rows: free it before the session.
+typedef struct pymoi_batch pymoi_batch;
+
+PYMOI_API pymoi_status pymoi_batch_open(
+        pymoi_session * session, struct llama_context * ctx, int32_t n_seq, pymoi_batch ** out_batch);
+PYMOI_API void pymoi_batch_free(pymoi_batch * batch);
+
+// Sets each sequence's sampler (borrowed, one per sequence) and beta (as for
+// pymoi_session_begin), and one moi_top_k for all.
+PYMOI_API pymoi_status pymoi_batch_begin(
+        pymoi_batch * batch, struct llama_sampler * const * samplers, const float * betas, int32_t top_k);
+
+// Clears the sequences' KV cells and evaluates the prompts as tokens: `tokens`
+// holds the prompts one after another, prompt i being lengths[i] >= 1 tokens.
+PYMOI_API pymoi_status pymoi_batch_prefill(pymoi_batch * batch, const llama_token * tokens, const int32_t * lengths);
+
+// One step of every live sequence: decodes the mixtures left by the previous
+// step in one llama_decode, then samples each live sequence's next token into
+// out_tokens[seq] (n_seq entries; -1 for finished sequences) and mixes its next
+// input. PYMOI_ERR_CONTEXT_FULL when the shared KV cache has no room left.
+PYMOI_API pymoi_status pymoi_batch_step(pymoi_batch * batch, llama_token * out_tokens);
+
+// Ends sequence `seq`: drops its pending mixture and frees its KV cells.
+PYMOI_API pymoi_status pymoi_batch_finish(pymoi_batch * batch, int32_t seq);
+
 #ifdef __cplusplus
 }
 #endif

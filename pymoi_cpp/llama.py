@@ -14,6 +14,7 @@ import numpy as np
 from llama_cpp import LlamaGrammar, LogitsProcessorList, StoppingCriteriaList
 
 from ._native import PYMOI_ERR_FORMAT, PYMOI_ERR_IO, PYMOI_ERR_UNSUPPORTED, PymoiError, check, lib
+from .batch import completion_choices, generate_batch, per_sequence_betas
 from .embedding_rows import EmbeddingRows
 from .mixing import validate_beta, validate_top_k
 
@@ -77,6 +78,13 @@ def _check_model_file(model_path: str) -> Optional[str]:
     return None
 
 
+def _check_n_seq_max(n_seq_max: int) -> int:
+    limit = llama_cpp.llama_max_parallel_sequences()
+    if isinstance(n_seq_max, bool) or not isinstance(n_seq_max, int) or not 1 <= n_seq_max <= limit:
+        raise ValueError(f"n_seq_max must be an integer from 1 to {limit}; got {n_seq_max!r}")
+    return n_seq_max
+
+
 def _lora_touches_token_embeddings(lora_path: str) -> bool:
     import gguf
 
@@ -98,7 +106,11 @@ class Llama(llama_cpp.Llama):
     call.
     """
 
-    def __init__(self, model_path: str, *, beta: Optional[float] = 1.0, moi_top_k: int = 20, **kwargs: Any) -> None:
+    def __init__(
+        self, model_path: str, *, beta: Optional[float] = 1.0, moi_top_k: int = 20, n_seq_max: int = 1, **kwargs: Any
+    ) -> None:
+        self._n_seq_max = _check_n_seq_max(n_seq_max)
+        self._moi_eog: Optional[frozenset[int]] = None
         self._moi_session: Optional[ctypes.c_void_p] = None
         self._moi_call: Optional[MoiSettings] = None
         self._moi_next_generate: Optional[MoiSettings] = None
@@ -115,6 +127,9 @@ class Llama(llama_cpp.Llama):
         if refusal is not None and beta is not None:
             raise MoiUnsupportedError(refusal)
         super().__init__(model_path, **kwargs)
+        # Tokens one sequence can hold: llama.cpp may round n_ctx up past the n_ctx that
+        # llama_cpp.Llama sized its token buffer for, and n_seq_max > 1 splits it.
+        self._context_limit = min(llama_cpp.llama_n_ctx_seq(self._ctx.ctx), len(self.input_ids))
         self._moi_refusal = refusal
         try:
             self._beta = beta
@@ -152,6 +167,35 @@ class Llama(llama_cpp.Llama):
         if hasattr(self, "_stack"):
             super().close()
 
+    @property
+    def context_params(self) -> llama_cpp.llama_context_params:
+        """llama.cpp context parameters; n_seq_max and a unified KV cache are set here for batching."""
+        return self._context_params
+
+    @context_params.setter
+    def context_params(self, params: llama_cpp.llama_context_params) -> None:
+        # llama_cpp.Llama.__init__ assigns these before it creates the context: the
+        # one place to ask for several sequences without building the context twice.
+        if self._n_seq_max > 1:
+            # One KV stream per sequence: a sequence in a batch then attends over the
+            # same cells as when it decodes alone, so it computes the same logits.
+            params.n_seq_max = self._n_seq_max
+            params.kv_unified = False
+        self._context_params = params
+
+    @property
+    def n_seq_max(self) -> int:
+        """How many sequences generate_batch() can decode together; each holds n_ctx // n_seq_max tokens."""
+        return self._n_seq_max
+
+    @property
+    def end_of_generation_tokens(self) -> frozenset[int]:
+        """The model's end-of-generation tokens (EOS, EOT, ...)."""
+        if self._moi_eog is None:
+            vocab = self._model.vocab
+            self._moi_eog = frozenset(t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
+        return self._moi_eog
+
     def _free_session(self) -> None:
         if self._moi_session is not None:
             lib.pymoi_session_free(self._moi_session)
@@ -179,9 +223,47 @@ class Llama(llama_cpp.Llama):
         self._moi_top_k = validate_top_k(value, self.n_vocab())
 
     def __getstate__(self) -> dict[str, Any]:
-        return dict(super().__getstate__(), beta=self._beta, moi_top_k=self._moi_top_k)
+        return dict(super().__getstate__(), beta=self._beta, moi_top_k=self._moi_top_k, n_seq_max=self._n_seq_max)
 
     # -- per-call settings -------------------------------------------------
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: Optional[int],
+        *,
+        beta: Any = UNSET,
+        moi_top_k: Optional[int] = None,
+        temp: float = 0.80,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: Optional[int] = None,
+        stop_tokens: Optional[Sequence[int]] = None,
+    ) -> list[list[int]]:
+        """Generates from every prompt (a list of token lists) at once; returns the new tokens of each.
+
+        All sequences decode together: each step is one llama_decode of one mixed row
+        per live sequence, each sequence in its own KV sequence with its own sampler
+        (seeded seed + index) and its own beta when `beta` is a list (None entries
+        decode ordinarily). A sequence ends at one of `stop_tokens` (default: the
+        model's end-of-generation tokens; the stop token is not returned) or after
+        max_tokens (None: as many as the sequence's context holds). As in llama-server
+        with --parallel, n_ctx is split: each sequence holds n_ctx // n_seq_max tokens,
+        prompt and max_tokens included; len(prompts) must not exceed n_seq_max. Batched
+        greedy sequences give the same tokens as generate() alone on this instance.
+        """
+        base = self._settings(UNSET, moi_top_k)
+        if self._moi_session is None:
+            raise ValueError(self._moi_refusal or "this model cannot take a mixture of inputs")
+        if isinstance(max_tokens, bool) or (max_tokens is not None and not isinstance(max_tokens, int)):
+            raise ValueError(f"max_tokens must be an integer or None, not {type(max_tokens).__name__}")
+        betas = per_sequence_betas(base.beta if beta is UNSET else beta, len(prompts))
+        sampling = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty)
+        return generate_batch(
+            self, prompts, max_tokens, betas=betas, moi_top_k=base.top_k, sampling=sampling, seed=seed, stop_tokens=stop_tokens
+        )
 
     def _settings(self, beta: Any, moi_top_k: Optional[int]) -> MoiSettings:
         base = self._moi_call or MoiSettings(self._beta, self._moi_top_k)
@@ -211,10 +293,26 @@ class Llama(llama_cpp.Llama):
         finally:
             self._moi_next_generate = None
 
-    def create_completion(self, prompt: Union[str, list[int]], *args: Any, beta: Any = UNSET, moi_top_k: Optional[int] = None, **kwargs: Any) -> Any:
-        """llama_cpp.Llama.create_completion, with `beta` and `moi_top_k` for this call."""
+    def create_completion(
+        self,
+        prompt: Union[str, list[int]],
+        *args: Any,
+        beta: Any = UNSET,
+        moi_top_k: Optional[int] = None,
+        n: int = 1,
+        **kwargs: Any,
+    ) -> Any:
+        """llama_cpp.Llama.create_completion, with `beta` and `moi_top_k` for this call.
+
+        n > 1 returns n choices (OpenAI style) generated together by generate_batch(),
+        choice i with seed + i; it needs n_seq_max >= n and does not stream.
+        """
         with self._call_scope(beta, moi_top_k):
-            return super().create_completion(prompt, *args, **kwargs)
+            if n == 1:
+                return super().create_completion(prompt, *args, **kwargs)
+            if args:
+                raise ValueError("pass the options of create_completion by name when n > 1")
+            return completion_choices(self, prompt, n, self._moi_call, **kwargs)
 
     def __call__(self, prompt: str, *args: Any, beta: Any = UNSET, moi_top_k: Optional[int] = None, **kwargs: Any) -> Any:
         """llama_cpp.Llama.__call__, with `beta` and `moi_top_k` for this call."""
@@ -282,6 +380,11 @@ class Llama(llama_cpp.Llama):
             logits_processor=logits_processor,
             grammar=grammar,
         )
+        if len(tokens) > self._context_limit:
+            raise ValueError(
+                f"the prompt has {len(tokens)} tokens but the context window holds {self._context_limit}: "
+                "shorten the prompt or create the model with a larger n_ctx"
+            )
         if settings.beta is None:
             return self._counted(len(tokens), super().generate(tokens, reset=reset, stopping_criteria=stopping_criteria, **sampling))
         if not reset:
@@ -294,11 +397,6 @@ class Llama(llama_cpp.Llama):
         tokens = list(tokens)
         if not tokens:
             raise ValueError("generate() needs at least one prompt token")
-        if len(tokens) > self._context_limit:
-            raise ValueError(
-                f"the prompt has {len(tokens)} tokens but the context window holds {self._context_limit}: "
-                "shorten the prompt or create the model with a larger n_ctx"
-            )
         return self._counted(len(tokens), self._generate_moi(settings, tokens, stopping_criteria, sampling))
 
     def _counted(self, prompt_tokens: int, generation: Generator[int, Optional[Sequence[int]], None]) -> Generator[int, Optional[Sequence[int]], None]:
@@ -313,11 +411,6 @@ class Llama(llama_cpp.Llama):
                     return
                 counts.completion_tokens += 1
                 extra_tokens = yield token
-
-    @property
-    def _context_limit(self) -> int:
-        # llama.cpp may round n_ctx up past the n_ctx llama_cpp.Llama sized its token buffer for.
-        return min(self._n_ctx, len(self.input_ids))
 
     def _discard_mixed_positions(self) -> None:
         """Drops the KV positions that were fed a mixture."""
@@ -336,9 +429,13 @@ class Llama(llama_cpp.Llama):
         # A mixed generation always starts from an empty KV cache: reusing a cached
         # prefix changes the cell layout, and with it the floating-point sums of the
         # attention, so the same request could give different output after another.
+        self._forget_context()
+        self.eval(tokens)
+
+    def _forget_context(self) -> None:
+        """Empties the KV cache and the token history, so nothing is reused."""
         self.reset()
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx.ctx), True)
-        self.eval(tokens)
 
     def _current_logits(self) -> np.ndarray:
         """A view of llama.cpp's logits for the last position, valid until the next decode."""

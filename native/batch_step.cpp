@@ -1,0 +1,198 @@
+#include "batch_step.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "pymoi.h"
+
+namespace pymoi {
+
+std::unique_ptr<BatchStep> BatchStep::open(MixtureInput & input, llama_context * ctx, int32_t n_seq, int * status,
+                                           std::string * error) {
+    const uint32_t n_seq_max = llama_n_seq_max(ctx);
+    const uint32_t n_batch   = llama_n_batch(ctx);
+    if (n_seq < 1 || static_cast<uint32_t>(n_seq) > n_seq_max || static_cast<uint32_t>(n_seq) > n_batch) {
+        *status = PYMOI_ERR_INVALID_ARGUMENT;
+        *error  = "a batch of " + std::to_string(n_seq) + " sequences needs a context made for at least that many (n_seq_max=" +
+                 std::to_string(n_seq_max) + ", n_batch=" + std::to_string(n_batch) + ")";
+        return nullptr;
+    }
+    return std::unique_ptr<BatchStep>(new BatchStep(input, ctx, n_seq));
+}
+
+BatchStep::BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq) :
+    input_(input),
+    ctx_(ctx),
+    n_seq_(n_seq),
+    samplers_(static_cast<size_t>(n_seq), nullptr),
+    betas_(static_cast<size_t>(n_seq), 1.0f),
+    n_past_(static_cast<size_t>(n_seq), 0),
+    logits_row_(static_cast<size_t>(n_seq), -1),
+    batch_(llama_batch_init(n_seq, input.n_embd(), 1)),
+    pending_seq_(static_cast<size_t>(n_seq), -1) {
+    batch_.n_tokens = 0;
+}
+
+BatchStep::~BatchStep() {
+    llama_batch_free(batch_);
+}
+
+int BatchStep::begin(llama_sampler * const * samplers, const float * betas, int32_t top_k, std::string * error) {
+    for (int32_t i = 0; i < n_seq_; ++i) {
+        if (samplers[i] == nullptr) {
+            *error = "sampler " + std::to_string(i) + " must not be null";
+            return PYMOI_ERR_INVALID_ARGUMENT;
+        }
+        const int status = input_.prepare(betas[i], top_k, error);
+        if (status != PYMOI_OK) return status;
+    }
+    std::copy(samplers, samplers + n_seq_, samplers_.begin());
+    std::copy(betas, betas + n_seq_, betas_.begin());
+    top_k_          = top_k;
+    batch_.n_tokens = 0;
+    std::fill(logits_row_.begin(), logits_row_.end(), -1);
+    return PYMOI_OK;
+}
+
+int BatchStep::prefill(const llama_token * tokens, const int32_t * lengths, std::string * error) {
+    const uint32_t n_ctx   = llama_n_ctx_seq(ctx_);
+    const int32_t  n_batch = static_cast<int32_t>(llama_n_batch(ctx_));
+    for (int32_t i = 0; i < n_seq_; ++i) {
+        if (lengths[i] < 1 || static_cast<uint32_t>(lengths[i]) >= n_ctx) {
+            *error = "prompt " + std::to_string(i) + " has " + std::to_string(lengths[i]) +
+                     " tokens; each prompt needs at least 1 and fewer than the " + std::to_string(n_ctx) + " a sequence holds";
+            return PYMOI_ERR_INVALID_ARGUMENT;
+        }
+    }
+    llama_memory_t memory = llama_get_memory(ctx_);
+    for (int32_t i = 0; i < n_seq_; ++i) {
+        llama_memory_seq_rm(memory, i, -1, -1);
+    }
+    batch_.n_tokens = 0;
+
+    // Every token but the last of each prompt, without logits, in n_batch chunks;
+    // then the last tokens together, so that all n_seq logits rows are live at once.
+    llama_batch chunk = llama_batch_init(n_batch, 0, 1);
+    auto        add   = [&](llama_token token, int32_t pos, int32_t seq, bool logits) {
+        const int32_t r   = chunk.n_tokens++;
+        chunk.token[r]    = token;
+        chunk.pos[r]      = pos;
+        chunk.n_seq_id[r] = 1;
+        chunk.seq_id[r][0] = seq;
+        chunk.logits[r]   = logits ? 1 : 0;
+    };
+    auto decode = [&]() {
+        const int32_t ret = chunk.n_tokens > 0 ? llama_decode(ctx_, chunk) : 0;
+        chunk.n_tokens    = 0;
+        if (ret != 0) {
+            *error = ret == 1 ? "the KV cache has no room for the prompts (" + std::to_string(n_ctx) +
+                                    " tokens per sequence): create the model with a larger n_ctx"
+                              : "llama_decode failed with status " + std::to_string(ret) + " while evaluating the prompts";
+            return ret == 1 ? PYMOI_ERR_CONTEXT_FULL : PYMOI_ERR_DECODE;
+        }
+        return PYMOI_OK;
+    };
+    int               status = PYMOI_OK;
+    const llama_token * prompt = tokens;
+    for (int32_t i = 0; i < n_seq_ && status == PYMOI_OK; ++i) {
+        for (int32_t p = 0; p + 1 < lengths[i]; ++p) {
+            add(prompt[p], p, i, false);
+            if (chunk.n_tokens == n_batch) status = decode();
+            if (status != PYMOI_OK) break;
+        }
+        prompt += lengths[i];
+    }
+    if (status == PYMOI_OK) status = decode();
+    prompt = tokens;
+    for (int32_t i = 0; i < n_seq_ && status == PYMOI_OK; ++i) {
+        prompt += lengths[i];
+        add(prompt[-1], lengths[i] - 1, i, true);
+        logits_row_[static_cast<size_t>(i)] = i;
+        n_past_[static_cast<size_t>(i)]     = lengths[i];
+    }
+    if (status == PYMOI_OK) status = decode();
+    llama_batch_free(chunk);
+    if (status != PYMOI_OK) std::fill(logits_row_.begin(), logits_row_.end(), -1);
+    return status;
+}
+
+int BatchStep::decode_pending(std::string * error) {
+    if (batch_.n_tokens == 0) return PYMOI_OK;
+    const int32_t ret = llama_decode(ctx_, batch_);
+    if (ret != 0) {
+        *error = ret == 1 ? "the KV cache is full (" + std::to_string(llama_n_ctx_seq(ctx_)) +
+                                " tokens per sequence): create the model with a larger n_ctx or generate fewer tokens"
+                          : "llama_decode failed with status " + std::to_string(ret);
+        return ret == 1 ? PYMOI_ERR_CONTEXT_FULL : PYMOI_ERR_DECODE;
+    }
+    for (int32_t r = 0; r < batch_.n_tokens; ++r) {
+        const int32_t seq                      = pending_seq_[static_cast<size_t>(r)];
+        logits_row_[static_cast<size_t>(seq)]  = r;
+        n_past_[static_cast<size_t>(seq)]     += 1;
+    }
+    batch_.n_tokens = 0;
+    return PYMOI_OK;
+}
+
+int BatchStep::step(llama_token * tokens, std::string * error) {
+    int status = decode_pending(error);
+    if (status != PYMOI_OK) return status;
+    const uint32_t n_ctx  = llama_n_ctx_seq(ctx_);
+    const int32_t  n_embd = input_.n_embd();
+    for (int32_t seq = 0; seq < n_seq_; ++seq) {
+        const int32_t row = logits_row_[static_cast<size_t>(seq)];
+        tokens[seq]       = -1;
+        if (row < 0) continue;
+        if (static_cast<uint32_t>(n_past_[static_cast<size_t>(seq)]) >= n_ctx) {
+            *error = "sequence " + std::to_string(seq) + " filled its context window (" + std::to_string(n_ctx) +
+                     " tokens): create the model with a larger n_ctx or generate fewer tokens";
+            return PYMOI_ERR_CONTEXT_FULL;
+        }
+        const float * logits = llama_get_logits_ith(ctx_, row);
+        input_.select(logits, top_k_);
+        const llama_token sampled = llama_sampler_sample(samplers_[static_cast<size_t>(seq)], ctx_, row);
+        if (sampled < 0 || sampled >= input_.n_vocab()) {
+            *error = "the sampler of sequence " + std::to_string(seq) + " returned no valid token (" +
+                     std::to_string(sampled) + ")";
+            return PYMOI_ERR_INTERNAL;
+        }
+        const int32_t r = batch_.n_tokens;
+        status          = input_.build(logits, sampled, betas_[static_cast<size_t>(seq)], top_k_,
+                                       batch_.embd + static_cast<size_t>(r) * n_embd, error);
+        if (status != PYMOI_OK) return status;
+        batch_.pos[r]                        = n_past_[static_cast<size_t>(seq)];
+        batch_.n_seq_id[r]                   = 1;
+        batch_.seq_id[r][0]                  = seq;
+        batch_.logits[r]                     = 1;
+        pending_seq_[static_cast<size_t>(r)] = seq;
+        batch_.n_tokens                      = r + 1;
+        tokens[seq]                          = sampled;
+    }
+    return PYMOI_OK;
+}
+
+int BatchStep::finish(int32_t seq, std::string * error) {
+    if (seq < 0 || seq >= n_seq_) {
+        *error = "sequence " + std::to_string(seq) + " is not in this batch of " + std::to_string(n_seq_);
+        return PYMOI_ERR_INVALID_ARGUMENT;
+    }
+    logits_row_[static_cast<size_t>(seq)] = -1;
+    const int32_t n_embd                  = input_.n_embd();
+    int32_t       kept                    = 0;
+    for (int32_t r = 0; r < batch_.n_tokens; ++r) {
+        if (pending_seq_[static_cast<size_t>(r)] == seq) continue;
+        if (kept != r) {
+            std::memmove(batch_.embd + static_cast<size_t>(kept) * n_embd, batch_.embd + static_cast<size_t>(r) * n_embd,
+                         sizeof(float) * static_cast<size_t>(n_embd));
+            batch_.pos[kept]                        = batch_.pos[r];
+            batch_.seq_id[kept][0]                  = batch_.seq_id[r][0];
+            pending_seq_[static_cast<size_t>(kept)] = pending_seq_[static_cast<size_t>(r)];
+        }
+        ++kept;
+    }
+    batch_.n_tokens = kept;
+    llama_memory_seq_rm(llama_get_memory(ctx_), seq, -1, -1);
+    return PYMOI_OK;
+}
+
+}  // namespace pymoi

@@ -1,0 +1,58 @@
+// Batched MoI generation: n_seq sequences (KV sequence ids 0..n_seq-1) decoded
+// together, one llama_decode of one mixed row per live sequence each step.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "llama.h"
+#include "mixture_input.h"
+
+namespace pymoi {
+
+class BatchStep {
+  public:
+    // `input` and `ctx` are borrowed and must outlive the batch. Returns nullptr
+    // with `status` / `error` set when the context cannot hold n_seq sequences.
+    static std::unique_ptr<BatchStep> open(MixtureInput & input, llama_context * ctx, int32_t n_seq, int * status,
+                                           std::string * error);
+    ~BatchStep();
+    BatchStep(const BatchStep &)             = delete;
+    BatchStep & operator=(const BatchStep &) = delete;
+
+    // All return a pymoi_status; `error` is set on failure.
+
+    // Per-sequence samplers (borrowed) and betas, one moi_top_k for all.
+    int begin(llama_sampler * const * samplers, const float * betas, int32_t top_k, std::string * error);
+    // Clears the sequences' KV cells and decodes the prompts (tokens of all
+    // prompts one after another, `lengths[i]` >= 1 tokens each) as tokens.
+    int prefill(const llama_token * tokens, const int32_t * lengths, std::string * error);
+    // Decodes the pending mixtures of the live sequences, then samples each live
+    // sequence's next token into tokens[seq] and mixes its next input; finished
+    // sequences get -1.
+    int step(llama_token * tokens, std::string * error);
+    // Ends sequence `seq`: its pending mixture is dropped and its KV cells freed.
+    int finish(int32_t seq, std::string * error);
+
+  private:
+    BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq);
+    int decode_pending(std::string * error);
+
+    MixtureInput &  input_;
+    llama_context * ctx_;
+    int32_t         n_seq_;
+    int32_t         top_k_ = 1;
+
+    // Per sequence, sized once by open(): the hot path does not allocate.
+    std::vector<llama_sampler *> samplers_;
+    std::vector<float>           betas_;
+    std::vector<int32_t>         n_past_;
+    std::vector<int32_t>         logits_row_;  // row of its logits in the last decode, or -1 when finished
+    // Mixed rows waiting for the next decode: row r belongs to sequence pending_seq_[r].
+    llama_batch          batch_;
+    std::vector<int32_t> pending_seq_;
+};
+
+}  // namespace pymoi

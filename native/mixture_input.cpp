@@ -1,0 +1,95 @@
+#include "mixture_input.h"
+
+#include <algorithm>
+
+#include "architecture.h"
+#include "mixer.h"
+#include "pymoi.h"
+
+namespace pymoi {
+
+namespace {
+
+std::string model_architecture(const llama_model * model) {
+    char buf[128] = {};
+    if (llama_model_meta_val_str(model, "general.architecture", buf, sizeof(buf)) < 0) return "";
+    return buf;
+}
+
+}  // namespace
+
+std::unique_ptr<MixtureInput> MixtureInput::open(const llama_model * model, const std::string & model_path,
+                                                 int * status, std::string * error) {
+    const std::string      arch   = model_architecture(model);
+    const int32_t          n_embd = llama_model_n_embd_inp(model);
+    const TokenInputPolicy policy = token_input_policy(arch, n_embd);
+    if (!policy.supported) {
+        *status = PYMOI_ERR_UNSUPPORTED;
+        *error  = policy.reason;
+        return nullptr;
+    }
+    std::unique_ptr<EmbeddingRows> rows = EmbeddingRows::open(model_path, status, error);
+    if (!rows) return nullptr;
+
+    const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    if (rows->n_embd() != n_embd || rows->n_vocab() < n_vocab) {
+        *status = PYMOI_ERR_UNSUPPORTED;
+        *error  = "architecture '" + arch + "' takes " + std::to_string(n_embd) +
+                 "-wide input rows but its token embeddings are " + std::to_string(rows->n_vocab()) + " x " +
+                 std::to_string(rows->n_embd()) + " for a vocabulary of " + std::to_string(n_vocab);
+        return nullptr;
+    }
+    std::unique_ptr<MixtureInput> input(new MixtureInput());
+    input->rows_             = std::move(rows);
+    input->token_only_scale_ = policy.token_only_scale;
+    input->n_vocab_          = n_vocab;
+    input->n_embd_           = n_embd;
+    input->row_.resize(static_cast<size_t>(n_embd));
+    return input;
+}
+
+int MixtureInput::prepare(float beta, int32_t top_k, std::string * error) {
+    if (!beta_is_valid(beta)) {
+        *error = "beta must be >= 0, +inf, or <= -99 for the direct mixture; got " + std::to_string(beta);
+        return PYMOI_ERR_INVALID_ARGUMENT;
+    }
+    if (top_k < 1 || top_k > n_vocab_) {
+        *error = "moi_top_k must be between 1 and the vocabulary size " + std::to_string(n_vocab_) + "; got " +
+                 std::to_string(top_k);
+        return PYMOI_ERR_INVALID_ARGUMENT;
+    }
+    const size_t capacity = static_cast<size_t>(top_k) + 1;
+    if (ids_.size() < capacity) {
+        ids_.resize(capacity);
+        weights_.resize(capacity);
+    }
+    return PYMOI_OK;
+}
+
+void MixtureInput::select(const float * logits, int32_t top_k) {
+    select_top_k(logits, n_vocab_, top_k, ids_.data());
+}
+
+int MixtureInput::build(const float * logits, llama_token sampled, float beta, int32_t top_k, float * out,
+                        std::string * error) {
+    const int32_t n = mixture_weights(logits, top_k, sampled, beta, ids_.data(), weights_.data(), error);
+    if (n < 0) return PYMOI_ERR_INVALID_ARGUMENT;
+    std::fill(out, out + n_embd_, 0.0f);
+    for (int32_t i = 0; i < n; ++i) {
+        const float w = weights_[static_cast<size_t>(i)];
+        if (w == 0.0f) continue;
+        rows_->dequantise(ids_[static_cast<size_t>(i)], row_.data());
+        for (int32_t j = 0; j < n_embd_; ++j) {
+            out[j] += w * row_[static_cast<size_t>(j)];
+        }
+    }
+    rows_->release_pages();
+    if (token_only_scale_ != 1.0f) {
+        for (int32_t j = 0; j < n_embd_; ++j) {
+            out[j] *= token_only_scale_;
+        }
+    }
+    return PYMOI_OK;
+}
+
+}  // namespace pymoi

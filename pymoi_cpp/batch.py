@@ -1,0 +1,223 @@
+"""Batched MoI generation: many sequences decoded together on one context."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+import llama_cpp
+
+from ._native import check, lib
+from .mixing import validate_beta
+
+if TYPE_CHECKING:
+    from .llama import Llama
+
+BetaArgument = Union[Optional[float], Sequence[Optional[float]]]
+
+
+def per_sequence_betas(beta: BetaArgument, n_seq: int) -> list[float]:
+    """One native beta per sequence: a single value for all or a list of n_seq; None (ordinary) becomes +inf."""
+    values = list(beta) if isinstance(beta, (list, tuple)) else [beta] * n_seq
+    if len(values) != n_seq:
+        raise ValueError(f"beta is a list of {len(values)} values for {n_seq} prompts: give one per prompt, or one for all")
+    betas = []
+    for value in values:
+        checked = validate_beta(value)
+        betas.append(math.inf if checked is None else checked)
+    return betas
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], n_vocab: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not len(prompts):
+        raise ValueError("prompts must be a non-empty list of token lists")
+    checked = []
+    for index, prompt in enumerate(prompts):
+        tokens = [int(token) for token in prompt]
+        if not tokens:
+            raise ValueError(f"prompt {index} is empty: every prompt needs at least one token")
+        if min(tokens) < 0 or max(tokens) >= n_vocab:
+            raise ValueError(f"prompt {index} holds a token outside the vocabulary [0, {n_vocab})")
+        checked.append(tokens)
+    return checked
+
+
+def generate_batch(
+    llm: "Llama",
+    prompts: Sequence[Sequence[int]],
+    max_tokens: Optional[int],
+    *,
+    betas: list[float],
+    moi_top_k: int,
+    sampling: dict[str, Any],
+    seed: Optional[int],
+    stop_tokens: Optional[Sequence[int]],
+) -> list[list[int]]:
+    """Generates from every prompt at once; see Llama.generate_batch."""
+    tokens = check_prompts(prompts, llm.n_vocab())
+    n_seq = len(tokens)
+    if n_seq > llm.n_seq_max:
+        raise ValueError(
+            f"{n_seq} prompts but the context was made for {llm.n_seq_max} sequences: "
+            f"create the model with n_seq_max={n_seq} or more"
+        )
+    n_ctx = llm._context_limit
+    longest = max(len(prompt) for prompt in tokens)
+    if max_tokens is None or max_tokens <= 0:
+        max_tokens = n_ctx - longest
+    if longest + max(max_tokens, 1) > n_ctx:
+        raise ValueError(
+            f"a prompt of {longest} tokens plus {max_tokens} new tokens does not fit in the {n_ctx} tokens each sequence "
+            f"holds (n_ctx split over n_seq_max={llm.n_seq_max}): create the model with a larger n_ctx, "
+            "or use shorter prompts or fewer tokens"
+        )
+    stops = llm.end_of_generation_tokens if stop_tokens is None else frozenset(stop_tokens)
+
+    samplers = []
+    base_seed = llm._seed if seed is None else seed
+    saved_seed = llm._seed
+    try:
+        for index in range(n_seq):
+            # llama-cpp-python's own sampler chain, seeded as a lone generation with seed + index would be.
+            llm._seed = base_seed if base_seed == llama_cpp.LLAMA_DEFAULT_SEED else (base_seed + index) & 0xFFFFFFFF
+            samplers.append(llm._init_sampler(**sampling))
+    finally:
+        llm._seed = saved_seed
+
+    sampler_array = (ctypes.c_void_p * n_seq)(*[ctypes.cast(s.sampler, ctypes.c_void_p) for s in samplers])
+    beta_array = (ctypes.c_float * n_seq)(*betas)
+    flat_tokens = [token for prompt in tokens for token in prompt]
+    flat = (ctypes.c_int32 * len(flat_tokens))(*flat_tokens)
+    lengths = (ctypes.c_int32 * n_seq)(*[len(prompt) for prompt in tokens])
+    step_tokens = (ctypes.c_int32 * n_seq)()
+    outputs: list[list[int]] = [[] for _ in range(n_seq)]
+
+    llm._forget_context()
+    batch = ctypes.c_void_p()
+    check(lib.pymoi_batch_open(llm._moi_session, ctypes.cast(llm._ctx.ctx, ctypes.c_void_p), n_seq, ctypes.byref(batch)))
+    try:
+        check(lib.pymoi_batch_begin(batch, sampler_array, beta_array, moi_top_k))
+        check(lib.pymoi_batch_prefill(batch, flat, lengths))
+        live = n_seq
+        while live:
+            check(lib.pymoi_batch_step(batch, step_tokens))
+            for index in range(n_seq):
+                token = step_tokens[index]
+                if token < 0:
+                    continue
+                finished = token in stops
+                if not finished:
+                    outputs[index].append(token)
+                    finished = len(outputs[index]) >= max_tokens
+                if finished:
+                    check(lib.pymoi_batch_finish(batch, index))
+                    live -= 1
+    finally:
+        lib.pymoi_batch_free(batch)
+        llm._forget_context()
+    return outputs
+
+
+def completion_prompt_tokens(llm: "Llama", prompt: Union[str, Sequence[int]]) -> list[int]:
+    """The prompt tokens llama_cpp.Llama.create_completion evaluates for `prompt` (no suffix)."""
+    if not isinstance(prompt, str):
+        return list(prompt)
+    model = llm._model
+    start = model.token_cls() if model.token_cls() != -1 else llm.token_bos()
+    bos = [start] if model.add_bos_token() and start != -1 else []
+    end = model.token_sep() if model.token_sep() != -1 else llm.token_eos()
+    eos = [end] if model.add_eos_token() or model.token_sep() != -1 else []
+    body = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) if prompt else []
+    return bos + body + eos
+
+
+UNSUPPORTED_WITH_N = ("suffix", "logprobs", "grammar", "logits_processor", "stopping_criteria", "logit_bias")
+
+
+def completion_choices(
+    llm: "Llama",
+    prompt: Union[str, Sequence[int]],
+    n: int,
+    settings: Any,
+    *,
+    max_tokens: Optional[int] = 16,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    min_p: float = 0.05,
+    typical_p: float = 1.0,
+    top_k: int = 40,
+    repeat_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    echo: bool = False,
+    stop: Optional[Union[str, list[str]]] = None,
+    seed: Optional[int] = None,
+    stream: bool = False,
+    mirostat_mode: int = 0,
+    model: Optional[str] = None,
+    **unsupported: Any,
+) -> dict[str, Any]:
+    """create_completion(..., n=n): n choices of one prompt, generated as one batch."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, not {n!r}")
+    if stream:
+        raise ValueError("stream=True cannot be combined with n > 1")
+    if mirostat_mode:
+        raise ValueError("mirostat cannot be combined with n > 1")
+    given = [name for name in UNSUPPORTED_WITH_N if unsupported.get(name) is not None]
+    unknown = [name for name in unsupported if name not in UNSUPPORTED_WITH_N]
+    if unknown:
+        raise TypeError(f"create_completion() got unexpected keyword arguments {unknown}")
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot be combined with n > 1")
+    prompt_tokens = completion_prompt_tokens(llm, prompt)
+    if not prompt_tokens:
+        prompt_tokens = [llm.token_bos()]
+    sampling = dict(
+        temp=temperature,
+        top_p=top_p,
+        min_p=min_p,
+        typical_p=typical_p,
+        top_k=top_k,
+        repeat_penalty=repeat_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+    )
+    outputs = generate_batch(
+        llm,
+        [prompt_tokens] * n,
+        max_tokens,
+        betas=per_sequence_betas(settings.beta, n),
+        moi_top_k=settings.top_k,
+        sampling=sampling,
+        seed=seed,
+        stop_tokens=None,
+    )
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    prefix = prompt if echo and isinstance(prompt, str) else ""
+    limit = max_tokens if max_tokens is not None and max_tokens > 0 else None
+    choices = []
+    for index, tokens in enumerate(outputs):
+        text = llm.detokenize(tokens, prev_tokens=prompt_tokens).decode("utf-8", errors="ignore")
+        cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+        finish = "length" if cut < 0 and limit is not None and len(tokens) >= limit else "stop"
+        choices.append({"text": prefix + text, "index": index, "logprobs": None, "finish_reason": finish})
+    completion_tokens = sum(len(tokens) for tokens in outputs)
+    return {
+        "id": f"cmpl-{uuid.uuid4()}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model if model is not None else llm.model_path,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": len(prompt_tokens),
+            "completion_tokens": completion_tokens,
+            "total_tokens": len(prompt_tokens) + completion_tokens,
+        },
+        "beta": settings.beta,
+    }
