@@ -70,6 +70,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """--batch-sizes: comma-separated positive integers, or 0 for none."""
+    if text.strip() == "0":
+        return ()
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of batch sizes") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be at least 1: '{text}'")
+    return sizes
+
+
 def default_threads() -> int:
     """Decode threads: every core up to 4, else half of them (decoding is memory-bound)."""
     cores = os.cpu_count() or 1
@@ -128,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", parents=[shared], help="a MoI reply beside an ordinary one",
         description="Answers one question twice, with MoI and with ordinary decoding.",
     ).add_argument("-p", "--prompt", default="Explain in two sentences why the sky is blue.")
+
+    bench = commands.add_parser(
+        "bench", help="decode speed and memory: MoI against stock llama-cpp-python and bare llama_decode",
+        description="Measures, A/B interleaved over several rounds: a bare llama_decode loop, stock llama_cpp.Llama.generate, "
+        "pymoi_cpp.Llama with MoI (beta 1, K 20) and with beta=None, batched MoI and bare batched llama_decode at each batch "
+        "size; decode and prompt tokens/s, time to first token, and peak RSS of each in a separate process.",
+    )
+    bench.add_argument("model", nargs="?", help="GGUF model file (default: the embedded SmolLM2-135M-Instruct)")
+    bench.add_argument("--tokens", metavar="N", type=positive_int, default=128, help="tokens per run (default 128)")
+    bench.add_argument("--rounds", metavar="N", type=positive_int, default=5, help="timed rounds (default 5)")
+    bench.add_argument("--batch-sizes", metavar="B,B", type=batch_sizes, default=(1, 4, 8, 16), help="batched runs (default 1,4,8,16; 0 for none)")
+    bench.add_argument("--threads", metavar="N", type=positive_int, default=None, help=f"CPU threads (default {default_threads()})")
+    bench.add_argument("--no-memory", action="store_true", help="skip the peak-RSS runs")
+    bench.add_argument("--json", metavar="FILE", default=None, help="write every number to FILE")
+    bench.add_argument("--plot", metavar="FILE.png", default=None, help="bar chart of decode tokens/s (needs matplotlib)")
 
     commands.add_parser(
         "setup", help="enable MIXINPUTS_BETA / PYMOI_BETA for every Python process of this environment",
@@ -363,6 +391,38 @@ def run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    from .bench import Settings, format_table, plot, run_benchmark
+
+    path = model_path(args)
+    if not os.path.isfile(path):
+        raise CommandError(f"model file '{path}' does not exist: pass the path of a .gguf file", EXIT_USAGE)
+    settings = Settings(
+        model=path,
+        n_tokens=max(args.tokens, 2),
+        rounds=args.rounds,
+        batch_sizes=args.batch_sizes,
+        threads=args.threads or default_threads(),
+        measure_memory=not args.no_memory,
+    )
+    try:
+        result = run_benchmark(settings)
+    except (ValueError, RuntimeError) as error:
+        raise CommandError(str(error)) from None
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(result, out, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        try:
+            plot(result, args.plot)
+        except RuntimeError as error:
+            raise CommandError(str(error)) from None
+        print(f"wrote {args.plot}")
+    return EXIT_OK
+
+
 def run_setup(args: argparse.Namespace) -> int:
     from .activation import setup
 
@@ -392,6 +452,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "chat": run_chat,
     "generate": run_generate,
     "demo": run_demo,
+    "bench": run_bench,
     "setup": run_setup,
     "cleanup": run_cleanup,
 }

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import pymoi_cpp
-from tiny_models import write_tiny_model
+from tiny_models import write_lora, write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -147,20 +147,6 @@ def test_unsupported_architecture_is_named() -> None:
             pymoi_cpp.check_architecture(arch, 2048)
     assert pymoi_cpp.check_architecture("llama", 576) == 1.0
     assert pymoi_cpp.check_architecture("gemma3", 640) == pytest.approx(640**0.5)
-
-
-def write_lora(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> pathlib.Path:
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_string("general.type", "adapter")
-    writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", 8.0)
-    for name, data in tensors.items():
-        writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def test_lora_on_token_embeddings_is_refused(tiny_model: pathlib.Path, tmp_path: pathlib.Path) -> None:

@@ -252,3 +252,18 @@ def quantize_with_llama(src: str | os.PathLike[str], dst: str | os.PathLike[str]
 def _token_embd_tensor(path: pathlib.Path) -> gguf.ReaderTensor:
     """The ``ReaderTensor`` of ``token_embd.weight`` in the GGUF file at ``path``."""
     return next(t for t in gguf.GGUFReader(path).tensors if t.name == "token_embd.weight")
+
+
+def write_lora(path: str | os.PathLike[str], tensors: dict[str, np.ndarray]) -> pathlib.Path:
+    """Write a LoRA adapter GGUF for a ``llama`` model holding ``tensors`` (numpy shapes, F32) by GGUF name."""
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", 8.0)
+    for name, data in tensors.items():
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return pathlib.Path(path)

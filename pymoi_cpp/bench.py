@@ -1,0 +1,337 @@
+"""`pymoi bench`: decode speed, prompt speed, time to first token and peak memory of MoI against
+stock llama-cpp-python and bare llama_decode loops, A/B interleaved over several rounds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import llama_cpp
+import numpy as np
+
+from .llama import Llama
+
+PROMPT = (
+    "Write a detailed story about a lighthouse keeper who finds a message in a bottle, "
+    "and describe the storm that follows, the people of the village, and the journey that changes everything."
+)
+SAMPLING = dict(temp=0.8, top_k=40, top_p=0.95, min_p=0.05)
+
+
+@dataclasses.dataclass
+class Timing:
+    """One round of one configuration."""
+
+    first_token_s: float  # prompt evaluation and the first token
+    decode_tokens_per_s: float  # tokens after the first, over the time after the first
+    prompt_tokens_per_s: float
+
+
+@dataclasses.dataclass
+class Configuration:
+    name: str
+    kind: str  # raw, stock, moi, batched-raw, batched-moi
+    batch: int
+    run: Callable[[], Timing]
+    timings: list[Timing] = dataclasses.field(default_factory=list)
+    peak_rss_mib: Optional[float] = None
+
+
+def bare_decode_loop(llm: llama_cpp.Llama, prompt: list[int], n_tokens: int, n_seq: int) -> Timing:
+    """llama_decode only: the prompt into n_seq sequences, then n_tokens - 1 steps of one token row per sequence."""
+    ctx = llm._ctx.ctx
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    llm.reset()
+    batch = llama_cpp.llama_batch_init(max(len(prompt) * n_seq, n_seq), 0, 1)
+
+    def decode(rows: Sequence[tuple[int, int, int, bool]]) -> None:
+        for chunk in range(0, len(rows), llm.n_batch):
+            part = rows[chunk : chunk + llm.n_batch]
+            for i, (token, pos, seq, logits) in enumerate(part):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+                batch.seq_id[i][0] = seq
+            batch.n_tokens = len(part)
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed in the benchmark loop")
+
+    try:
+        start = time.perf_counter()
+        decode([(t, p, s, p == len(prompt) - 1) for s in range(n_seq) for p, t in enumerate(prompt)])
+        np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(llm.n_vocab(),)))
+        first = time.perf_counter()
+        token = prompt[-1]
+        for step in range(n_tokens - 1):
+            decode([(token, len(prompt) + step, s, True) for s in range(n_seq)])
+        end = time.perf_counter()
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    return Timing(first - start, n_seq * (n_tokens - 1) / (end - first), n_seq * len(prompt) / (first - start))
+
+
+def generate_timing(generate: Callable[[], Any], prompt_tokens: int, n_tokens: int) -> Timing:
+    """Times a generate() iterator: first token, then n_tokens - 1 more."""
+    start = time.perf_counter()
+    tokens = generate()
+    next(tokens)
+    first = time.perf_counter()
+    for _ in range(n_tokens - 1):
+        next(tokens)
+    end = time.perf_counter()
+    tokens.close()
+    return Timing(first - start, (n_tokens - 1) / (end - first), prompt_tokens / (first - start))
+
+
+def batch_timing(llm: Llama, prompt: list[int], n_tokens: int, n_seq: int, beta: Optional[float]) -> Timing:
+    """generate_batch: a one-token run for the time to first token, then a full run."""
+    options = dict(SAMPLING, beta=beta, seed=1, stop_tokens=[])
+    start = time.perf_counter()
+    llm.generate_batch([prompt] * n_seq, 1, **options)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    llm.generate_batch([prompt] * n_seq, n_tokens, **options)
+    total = time.perf_counter() - start
+    return Timing(first, n_seq * (n_tokens - 1) / max(total - first, 1e-9), n_seq * len(prompt) / first)
+
+
+def peak_rss_mib() -> float:
+    """VmHWM of this process in MiB (Linux); NaN elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+@dataclasses.dataclass
+class Settings:
+    model: str
+    n_tokens: int = 128
+    rounds: int = 5
+    batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
+    threads: Optional[int] = None
+    measure_memory: bool = True
+
+    @property
+    def n_ctx(self) -> int:
+        return 512 * ((len(PROMPT) // 2 + self.n_tokens) // 512 + 1)
+
+
+def specs(settings: Settings) -> list[tuple[str, str, int]]:
+    """(name, kind, batch size) of every configuration, in run order."""
+    rows = [
+        ("raw llama_decode", "raw", 1),
+        ("stock llama_cpp.Llama", "stock", 1),
+        ("pymoi beta=None", "none", 1),
+        ("pymoi MoI beta=1 K=20", "moi", 1),
+    ]
+    for b in settings.batch_sizes:
+        rows += [(f"raw batched B={b}", "batched-raw", b), (f"MoI batched B={b}", "batched-moi", b)]
+    return rows
+
+
+def instance_for(kind: str) -> str:
+    """Which loaded model a configuration runs on: stock, single (pymoi) or batched (pymoi, n_seq_max)."""
+    return {"raw": "stock", "stock": "stock", "none": "single", "moi": "single"}.get(kind, "batched")
+
+
+def load(settings: Settings, instance: str) -> llama_cpp.Llama:
+    common = dict(n_threads=settings.threads, n_threads_batch=settings.threads, seed=1, verbose=False)
+    if instance == "stock":
+        return llama_cpp.Llama(settings.model, n_ctx=settings.n_ctx, **common)
+    if instance == "single":
+        return Llama(settings.model, n_ctx=settings.n_ctx, **common)
+    n_seq = max(settings.batch_sizes)
+    return Llama(settings.model, n_ctx=settings.n_ctx * n_seq, n_seq_max=n_seq, **common)
+
+
+def runner(kind: str, batch: int, llm: Any, prompt: list[int], n: int) -> Callable[[], Timing]:
+    """One timed round of a configuration on its loaded model."""
+    if kind in ("raw", "batched-raw"):
+        return lambda: bare_decode_loop(llm, prompt, n, batch)
+    if kind == "batched-moi":
+        return lambda: batch_timing(llm, prompt, n, batch, 1.0)
+    # reset() first: otherwise llama-cpp-python reuses the prompt cached by the previous round.
+    if kind == "stock":
+        return lambda: generate_timing(lambda: (llm.reset(), llm.generate(prompt, **SAMPLING))[1], len(prompt), n)
+    beta = None if kind == "none" else 1.0
+    return lambda: generate_timing(lambda: (llm.reset(), llm.generate(prompt, beta=beta, **SAMPLING))[1], len(prompt), n)
+
+
+def configurations(settings: Settings, only: Optional[str] = None) -> list[Configuration]:
+    """The configurations (or only the one named), each with the model it needs loaded once."""
+    instances: dict[str, Any] = {}
+    configs = []
+    for name, kind, batch in specs(settings):
+        if only is not None and name != only:
+            continue
+        key = instance_for(kind)
+        if key not in instances:
+            instances[key] = load(settings, key)
+        llm = instances[key]
+        prompt = llm.tokenize(PROMPT.encode())
+        configs.append(Configuration(name, kind, batch, runner(kind, batch, llm, prompt, settings.n_tokens)))
+    return configs
+
+
+def child_peak_rss(settings: Settings, config: Configuration) -> float:
+    """Peak RSS of a fresh process that loads what `config` needs and runs it once."""
+    arguments = [sys.executable, "-m", "pymoi_cpp.bench", config.name, json.dumps(dataclasses.asdict(settings))]
+    result = subprocess.run(arguments, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"the memory run of '{config.name}' failed: {result.stderr.strip()[-300:]}")
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def _child(argv: list[str]) -> None:
+    """Entry of a memory-measuring process: runs one configuration alone, prints its peak RSS in MiB."""
+    name, raw_settings = argv
+    values = json.loads(raw_settings)
+    values["batch_sizes"] = tuple(values["batch_sizes"])
+    (config,) = configurations(Settings(**values), only=name)
+    config.run()
+    print(peak_rss_mib())
+
+
+class Progress:
+    """A one-line progress bar on stderr (a plain line per 10% when stderr is not a terminal)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.last_tenth = -1
+
+    def advance(self, label: str) -> None:
+        self.done += 1
+        share = self.done / self.total
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / share - elapsed
+        if self.tty:
+            bar = "#" * int(30 * share)
+            sys.stderr.write(f"\r[{bar:<30}] {self.done}/{self.total} eta {eta:4.0f} s  {label[:40]:<40}")
+            if self.done == self.total:
+                sys.stderr.write("\r" + " " * 100 + "\r")
+        elif int(share * 10) != self.last_tenth:
+            self.last_tenth = int(share * 10)
+            sys.stderr.write(f"bench: {self.done}/{self.total} runs, eta {eta:.0f} s\n")
+        sys.stderr.flush()
+
+
+def summary(values: Sequence[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": list(values)}
+
+
+def run_benchmark(settings: Settings) -> dict[str, Any]:
+    """Runs every configuration `rounds` times, interleaved, and measures peak memory in separate processes."""
+    configs = configurations(settings)
+    progress = Progress(len(configs) * (settings.rounds + 1) + (len(configs) if settings.measure_memory else 0))
+    for config in configs:  # warm-up round, not recorded
+        config.run()
+        progress.advance(f"warm-up {config.name}")
+    for round_index in range(settings.rounds):
+        for config in configs:
+            config.timings.append(config.run())
+            progress.advance(f"round {round_index + 1} {config.name}")
+    if settings.measure_memory:
+        for config in configs:
+            config.peak_rss_mib = child_peak_rss(settings, config)
+            progress.advance(f"memory {config.name}")
+    return report(settings, configs)
+
+
+def report(settings: Settings, configs: list[Configuration]) -> dict[str, Any]:
+    decode = {c.name: statistics.median(t.decode_tokens_per_s for t in c.timings) for c in configs}
+    single_raw = decode["raw llama_decode"]
+    batched_raw = {c.batch: decode[c.name] for c in configs if c.kind == "batched-raw"}
+    rows = []
+    for c in configs:
+        row: dict[str, Any] = {
+            "name": c.name,
+            "kind": c.kind,
+            "batch": c.batch,
+            "decode_tokens_per_s": summary([t.decode_tokens_per_s for t in c.timings]),
+            "prompt_tokens_per_s": summary([t.prompt_tokens_per_s for t in c.timings]),
+            "time_to_first_token_s": summary([t.first_token_s for t in c.timings]),
+            "peak_rss_mib": c.peak_rss_mib,
+            "vs_raw": decode[c.name] / (batched_raw[c.batch] if c.kind.startswith("batched") else single_raw),
+            "vs_stock": decode[c.name] / decode["stock llama_cpp.Llama"],
+        }
+        rows.append(row)
+    return {
+        "model": settings.model,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        },
+        "settings": {
+            "tokens": settings.n_tokens,
+            "rounds": settings.rounds,
+            "batch_sizes": list(settings.batch_sizes),
+            "threads": settings.threads,
+            "n_ctx_per_sequence": settings.n_ctx,
+            "sampling": SAMPLING,
+            "prompt": PROMPT,
+        },
+        "configurations": rows,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The terminal table of a benchmark result."""
+    lines = [
+        f"{os.path.basename(result['model'])}: {result['settings']['tokens']} tokens x {result['settings']['rounds']} rounds, "
+        f"threads {result['settings']['threads'] or 'default'}, medians (min-max)",
+        f"{'configuration':<24}{'decode tok/s':>22}{'vs raw':>8}{'vs stock':>9}{'prompt tok/s':>14}{'TTFT ms':>9}{'peak MiB':>10}",
+    ]
+    for row in result["configurations"]:
+        d = row["decode_tokens_per_s"]
+        rss = row["peak_rss_mib"]
+        lines.append(
+            f"{row['name']:<24}{d['median']:>9.1f} ({d['min']:.1f}-{d['max']:.1f})".ljust(46)
+            + f"{row['vs_raw']:>8.3f}{row['vs_stock']:>9.3f}{row['prompt_tokens_per_s']['median']:>14.1f}"
+            + f"{1000 * row['time_to_first_token_s']['median']:>9.1f}{'' if rss is None else f'{rss:.1f}':>10}"
+        )
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """A bar chart of decode tokens/s per configuration, written to `path` (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install 'pymoi-cpp[bench]'") from None
+    rows = result["configurations"]
+    names = [row["name"] for row in rows]
+    medians = [row["decode_tokens_per_s"]["median"] for row in rows]
+    low = [m - row["decode_tokens_per_s"]["min"] for m, row in zip(medians, rows)]
+    high = [row["decode_tokens_per_s"]["max"] - m for m, row in zip(medians, rows)]
+    colours = {"raw": "#888888", "batched-raw": "#888888", "stock": "#4c72b0", "none": "#55a868", "moi": "#c44e52", "batched-moi": "#c44e52"}
+    figure, axes = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
+    axes.barh(names, medians, xerr=[low, high], color=[colours[row["kind"]] for row in rows])
+    axes.invert_yaxis()
+    axes.set_xlabel("decode tokens/s (median, min-max)")
+    axes.set_title(os.path.basename(result["model"]))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])

@@ -1,0 +1,53 @@
+"""`pymoi bench` smoke test: a short run writes a table, a complete JSON file and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+PYMOI = pathlib.Path(sys.executable).with_name("pymoi")
+TIMING_FIELDS = {"decode_tokens_per_s", "prompt_tokens_per_s", "time_to_first_token_s"}
+
+
+def test_bench_writes_every_field(smollm2_path: str, tmp_path: pathlib.Path) -> None:
+    out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
+    command = [str(PYMOI), "bench", smollm2_path, "--tokens", "4", "--rounds", "2", "--batch-sizes", "1,2", "--threads", "2"]
+    result = subprocess.run([*command, "--json", str(out), "--plot", str(chart)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["model"] == smollm2_path
+    assert {"platform", "processor", "cpu_count", "gpu_offload"} <= set(data["machine"])
+    assert data["settings"]["tokens"] == 4 and data["settings"]["rounds"] == 2 and data["settings"]["batch_sizes"] == [1, 2]
+    names = [row["name"] for row in data["configurations"]]
+    assert names == [
+        "raw llama_decode",
+        "stock llama_cpp.Llama",
+        "pymoi beta=None",
+        "pymoi MoI beta=1 K=20",
+        "raw batched B=1",
+        "MoI batched B=1",
+        "raw batched B=2",
+        "MoI batched B=2",
+    ]
+    for row in data["configurations"]:
+        for field in TIMING_FIELDS:
+            stats = row[field]
+            assert len(stats["rounds"]) == 2
+            assert 0 < stats["min"] <= stats["median"] <= stats["max"]
+        assert row["peak_rss_mib"] > 50
+        assert row["vs_raw"] > 0 and row["vs_stock"] > 0
+        assert row["name"] in result.stdout
+    stock = next(r for r in data["configurations"] if r["kind"] == "stock")
+    assert stock["vs_stock"] == 1.0
+    raw = [r for r in data["configurations"] if r["kind"] in ("raw", "batched-raw")]
+    assert all(r["vs_raw"] == 1.0 for r in raw)
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_bad_arguments(tmp_path: pathlib.Path) -> None:
+    result = subprocess.run([str(PYMOI), "bench", str(tmp_path / "absent.gguf")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run([str(PYMOI), "bench", "--batch-sizes", "4,x"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "batch sizes" in result.stderr
