@@ -187,7 +187,10 @@ def configurations(settings: Settings, only: Optional[str] = None) -> list[Confi
 def child_peak_rss(settings: Settings, config: Configuration) -> float:
     """Peak RSS of a fresh process that loads what `config` needs and runs it once."""
     arguments = [sys.executable, "-m", "pymoi_cpp.bench", config.name, json.dumps(dataclasses.asdict(settings))]
-    result = subprocess.run(arguments, capture_output=True, text=True, timeout=600)
+    # Run from the folder this package was imported from, so that `-m` finds this very package
+    # (not a source tree in the working directory).
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(arguments, capture_output=True, text=True, timeout=600, cwd=here)
     if result.returncode != 0:
         raise RuntimeError(f"the memory run of '{config.name}' failed: {result.stderr.strip()[-300:]}")
     return float(result.stdout.strip().splitlines()[-1])

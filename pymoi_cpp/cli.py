@@ -394,7 +394,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     from .bench import Settings, format_table, plot, run_benchmark
 
-    path = model_path(args)
+    path = os.path.abspath(model_path(args))
     if not os.path.isfile(path):
         raise CommandError(f"model file '{path}' does not exist: pass the path of a .gguf file", EXIT_USAGE)
     settings = Settings(
