@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
+from typing import Iterator
 
 import llama_cpp
 import pexpect
@@ -123,16 +125,22 @@ def test_generate_moi_top_k_above_vocabulary(smollm2_path: str) -> None:
     assert "moi_top_k" in result.stderr and "Traceback" not in result.stderr
 
 
-def spawn_chat(*args: str) -> pexpect.spawn:
+@contextlib.contextmanager
+def chat(*args: str) -> Iterator[pexpect.spawn]:
+    """`pymoi chat` in a pseudo-terminal; the body must leave the chat, which must then exit with 0."""
     child = pexpect.spawn(str(PYMOI), ["chat", *args], encoding="utf-8", timeout=120, dimensions=(50, 200))
-    child.expect("Chat with ")
-    child.expect("> ")
-    return child
+    try:
+        child.expect("Chat with ")
+        child.expect("> ")
+        yield child
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
 
 
 def test_chat_session_in_a_terminal(smollm2_path: str) -> None:
-    child = spawn_chat("--temp", "0", "--seed", "3", "--max-tokens", "400")
-    try:
+    with chat("--temp", "0", "--seed", "3", "--max-tokens", "400") as child:
         question = "What colour is the sky on a clear day?"
         child.sendline(question)
         child.expect_exact(question + "\r\n")
@@ -166,28 +174,18 @@ def test_chat_session_in_a_terminal(smollm2_path: str) -> None:
         child.expect_exact("/beta X")
         child.expect("> ")
         child.sendline("/quit")
-        child.expect(pexpect.EOF)
-    finally:
-        child.close()
-    assert child.exitstatus == 0
 
 
 def test_chat_ctrl_d_leaves_and_ctrl_c_at_the_prompt_does_not(smollm2_path: str) -> None:
-    child = spawn_chat("--quiet")
-    try:
+    with chat("--quiet") as child:
         child.sendintr()
         child.expect_exact("(Ctrl-D or /quit leaves)")
         child.expect("> ")
         child.sendeof()
-        child.expect(pexpect.EOF)
-    finally:
-        child.close()
-    assert child.exitstatus == 0
 
 
 def test_chat_drops_old_turns_to_fit_the_context(smollm2_path: str) -> None:
-    child = spawn_chat("--ctx", "256", "--max-tokens", "40", "--temp", "0")
-    try:
+    with chat("--ctx", "256", "--max-tokens", "40", "--temp", "0") as child:
         dropped = False
         for turn in range(8):
             child.sendline(f"Tell me one fact about the number {turn + 10}.")
@@ -200,7 +198,3 @@ def test_chat_drops_old_turns_to_fit_the_context(smollm2_path: str) -> None:
         child.expect(r"tok/s, beta 1" + END_DIM)
         child.expect("> ")
         child.sendline("/quit")
-        child.expect(pexpect.EOF)
-    finally:
-        child.close()
-    assert child.exitstatus == 0
