@@ -17,10 +17,11 @@ std::unique_ptr<BatchStep> BatchStep::open(MixtureInput & input, llama_context *
                  std::to_string(n_seq_max) + ", n_batch=" + std::to_string(n_batch) + ")";
         return nullptr;
     }
-    return std::unique_ptr<BatchStep>(new BatchStep(input, ctx, n_seq));
+    const int n_workers = std::max(1, std::min<int>(llama_n_threads(ctx), n_seq));
+    return std::unique_ptr<BatchStep>(new BatchStep(input, ctx, n_seq, n_workers));
 }
 
-BatchStep::BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq) :
+BatchStep::BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq, int n_workers) :
     input_(input),
     ctx_(ctx),
     n_seq_(n_seq),
@@ -29,7 +30,15 @@ BatchStep::BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq) :
     n_past_(static_cast<size_t>(n_seq), 0),
     logits_row_(static_cast<size_t>(n_seq), -1),
     batch_(llama_batch_init(n_seq, input.n_embd(), 1)),
-    pending_seq_(static_cast<size_t>(n_seq), -1) {
+    pending_seq_(static_cast<size_t>(n_seq), -1),
+    live_(static_cast<size_t>(n_seq), -1),
+    live_logits_(static_cast<size_t>(n_seq), nullptr),
+    live_tokens_(static_cast<size_t>(n_seq), -1),
+    pool_(n_workers),
+    scratch_(static_cast<size_t>(n_workers)),
+    candidates_(static_cast<size_t>(n_workers), std::vector<llama_token_data>(static_cast<size_t>(input.n_vocab()))),
+    status_(static_cast<size_t>(n_workers), 0),
+    errors_(static_cast<size_t>(n_workers)) {
     batch_.n_tokens = 0;
 }
 
@@ -43,8 +52,10 @@ int BatchStep::begin(llama_sampler * const * samplers, const float * betas, int3
             *error = "sampler " + std::to_string(i) + " must not be null";
             return PYMOI_ERR_INVALID_ARGUMENT;
         }
-        const int status = input_.prepare(betas[i], top_k, error);
-        if (status != PYMOI_OK) return status;
+        for (MixtureScratch & scratch : scratch_) {
+            const int status = input_.prepare(betas[i], top_k, scratch, error);
+            if (status != PYMOI_OK) return status;
+        }
     }
     std::copy(samplers, samplers + n_seq_, samplers_.begin());
     std::copy(betas, betas + n_seq_, betas_.begin());
@@ -137,8 +148,8 @@ int BatchStep::decode_pending(std::string * error) {
 int BatchStep::step(llama_token * tokens, std::string * error) {
     int status = decode_pending(error);
     if (status != PYMOI_OK) return status;
-    const uint32_t n_ctx  = llama_n_ctx_seq(ctx_);
-    const int32_t  n_embd = input_.n_embd();
+    const uint32_t n_ctx = llama_n_ctx_seq(ctx_);
+    n_live_              = 0;
     for (int32_t seq = 0; seq < n_seq_; ++seq) {
         const int32_t row = logits_row_[static_cast<size_t>(seq)];
         tokens[seq]       = -1;
@@ -148,27 +159,81 @@ int BatchStep::step(llama_token * tokens, std::string * error) {
                      " tokens): create the model with a larger n_ctx or generate fewer tokens";
             return PYMOI_ERR_CONTEXT_FULL;
         }
-        const float * logits = llama_get_logits_ith(ctx_, row);
-        input_.select(logits, top_k_);
-        const llama_token sampled = llama_sampler_sample(samplers_[static_cast<size_t>(seq)], ctx_, row);
-        if (sampled < 0 || sampled >= input_.n_vocab()) {
-            *error = "the sampler of sequence " + std::to_string(seq) + " returned no valid token (" +
-                     std::to_string(sampled) + ")";
-            return PYMOI_ERR_INTERNAL;
-        }
-        const int32_t r = batch_.n_tokens;
-        status          = input_.build(logits, sampled, betas_[static_cast<size_t>(seq)], top_k_,
-                                       batch_.embd + static_cast<size_t>(r) * n_embd, error);
-        if (status != PYMOI_OK) return status;
-        batch_.pos[r]                        = n_past_[static_cast<size_t>(seq)];
-        batch_.n_seq_id[r]                   = 1;
-        batch_.seq_id[r][0]                  = seq;
-        batch_.logits[r]                     = 1;
-        pending_seq_[static_cast<size_t>(r)] = seq;
-        batch_.n_tokens                      = r + 1;
-        tokens[seq]                          = sampled;
+        // Read here, on one thread: llama_get_logits_ith synchronises the context.
+        live_logits_[static_cast<size_t>(n_live_)] = llama_get_logits_ith(ctx_, row);
+        live_[static_cast<size_t>(n_live_)]        = seq;
+        ++n_live_;
     }
+    if (n_live_ > 1 && pool_.size() > 1) {
+        pool_.run(&BatchStep::sample_share, this);
+    } else {
+        sample_share(this, 0);
+        for (size_t w = 1; w < status_.size(); ++w) status_[w] = PYMOI_OK;
+    }
+    for (size_t w = 0; w < status_.size(); ++w) {
+        if (status_[w] != PYMOI_OK) {
+            *error = errors_[w];
+            return status_[w];
+        }
+    }
+    for (int32_t j = 0; j < n_live_; ++j) {
+        const int32_t seq                    = live_[static_cast<size_t>(j)];
+        batch_.pos[j]                        = n_past_[static_cast<size_t>(seq)];
+        batch_.n_seq_id[j]                   = 1;
+        batch_.seq_id[j][0]                  = seq;
+        batch_.logits[j]                     = 1;
+        pending_seq_[static_cast<size_t>(j)] = seq;
+        tokens[seq]                          = live_tokens_[static_cast<size_t>(j)];
+    }
+    batch_.n_tokens = n_live_;
     return PYMOI_OK;
+}
+
+void BatchStep::sample_share(void * self, int worker) {
+    auto * step                                 = static_cast<BatchStep *>(self);
+    step->status_[static_cast<size_t>(worker)] = PYMOI_OK;
+    try {
+        const int32_t n_workers = step->n_live_ > 1 ? step->pool_.size() : 1;
+        for (int32_t j = worker; j < step->n_live_; j += n_workers) {
+            step->sample(j, worker);
+            if (step->status_[static_cast<size_t>(worker)] != PYMOI_OK) return;
+        }
+    } catch (const std::exception & e) {
+        step->status_[static_cast<size_t>(worker)] = PYMOI_ERR_INTERNAL;
+        step->errors_[static_cast<size_t>(worker)] = e.what();
+    } catch (...) {
+        step->status_[static_cast<size_t>(worker)] = PYMOI_ERR_INTERNAL;
+        step->errors_[static_cast<size_t>(worker)] = "unknown C++ exception while sampling";
+    }
+}
+
+void BatchStep::sample(int32_t j, int worker) {
+    const size_t     w        = static_cast<size_t>(worker);
+    const int32_t    seq      = live_[static_cast<size_t>(j)];
+    const float *    logits   = live_logits_[static_cast<size_t>(j)];
+    llama_sampler *  sampler  = samplers_[static_cast<size_t>(seq)];
+    MixtureScratch & scratch  = scratch_[w];
+    auto &           cand     = candidates_[w];
+    const int32_t    n_vocab  = input_.n_vocab();
+    input_.select(logits, top_k_, scratch);
+
+    // What llama_sampler_sample does with CPU logits, on this worker's candidate
+    // array instead of the context: the sampler chain applies, then accepts.
+    for (llama_token t = 0; t < n_vocab; ++t) {
+        cand[static_cast<size_t>(t)] = llama_token_data { t, logits[t], 0.0f };
+    }
+    llama_token_data_array candidates = { cand.data(), static_cast<size_t>(n_vocab), -1, false };
+    llama_sampler_apply(sampler, &candidates);
+    if (candidates.selected < 0 || candidates.selected >= static_cast<int64_t>(candidates.size)) {
+        status_[w] = PYMOI_ERR_INTERNAL;
+        errors_[w] = "the sampler of sequence " + std::to_string(seq) + " selected no token";
+        return;
+    }
+    const llama_token sampled = candidates.data[candidates.selected].id;
+    llama_sampler_accept(sampler, sampled);
+    live_tokens_[static_cast<size_t>(j)] = sampled;
+    status_[w] = input_.build(logits, sampled, betas_[static_cast<size_t>(seq)], top_k_, scratch,
+                              batch_.embd + static_cast<size_t>(j) * static_cast<size_t>(input_.n_embd()), &errors_[w]);
 }
 
 int BatchStep::finish(int32_t seq, std::string * error) {

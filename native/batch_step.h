@@ -9,6 +9,7 @@
 
 #include "llama.h"
 #include "mixture_input.h"
+#include "worker_pool.h"
 
 namespace pymoi {
 
@@ -37,8 +38,11 @@ class BatchStep {
     int finish(int32_t seq, std::string * error);
 
   private:
-    BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq);
+    BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq, int n_workers);
     int decode_pending(std::string * error);
+    // Samples and mixes the live sequences live_[j] with j = worker, worker + n_workers, ...
+    static void sample_share(void * self, int worker);
+    void        sample(int32_t j, int worker);
 
     MixtureInput &  input_;
     llama_context * ctx_;
@@ -53,6 +57,22 @@ class BatchStep {
     // Mixed rows waiting for the next decode: row r belongs to sequence pending_seq_[r].
     llama_batch          batch_;
     std::vector<int32_t> pending_seq_;
+
+    // One step's live sequences (row j of the next decode is live_[j]), their logits
+    // and sampled tokens. Sampling runs on the pool: llama.cpp's sampler chains are
+    // independent, and the decode threads are idle between decodes.
+    std::vector<int32_t>       live_;
+    std::vector<const float *> live_logits_;
+    std::vector<llama_token>   live_tokens_;
+    int32_t                    n_live_ = 0;
+
+    // Per worker: mixture scratch, a vocabulary-sized candidate array for the
+    // sampler chain, and the outcome of its share of the last step.
+    WorkerPool                                 pool_;
+    std::vector<MixtureScratch>                scratch_;
+    std::vector<std::vector<llama_token_data>> candidates_;
+    std::vector<int>                           status_;
+    std::vector<std::string>                   errors_;
 };
 
 }  // namespace pymoi

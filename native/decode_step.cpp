@@ -14,7 +14,7 @@ DecodeStep::~DecodeStep() {
 }
 
 int DecodeStep::begin(float beta, int32_t top_k, std::string * error) {
-    const int status = input_.prepare(beta, top_k, error);
+    const int status = input_.prepare(beta, top_k, scratch_, error);
     if (status != PYMOI_OK) return status;
     beta_    = beta;
     top_k_   = top_k;
@@ -58,13 +58,13 @@ int DecodeStep::step(llama_sampler * sampler, int32_t n_past, llama_token * toke
         return PYMOI_ERR_INVALID_ARGUMENT;
     }
     // The candidates come from the raw logits, before the sampler sees them.
-    input_.select(logits, top_k_);
+    input_.select(logits, top_k_, scratch_);
     const llama_token sampled = llama_sampler_sample(sampler, ctx_, -1);
     if (sampled < 0 || sampled >= input_.n_vocab()) {
         *error = "the sampler returned no valid token (" + std::to_string(sampled) + ")";
         return PYMOI_ERR_INTERNAL;
     }
-    status = input_.build(logits, sampled, beta_, top_k_, batch_.embd, error);
+    status = input_.build(logits, sampled, beta_, top_k_, scratch_, batch_.embd, error);
     if (status != PYMOI_OK) return status;
     pending_ = true;
     *token   = sampled;

@@ -28,6 +28,7 @@ class DecodeStep {
   private:
     MixtureInput &  input_;
     llama_context * ctx_;
+    MixtureScratch  scratch_;
 
     float   beta_    = 1.0f;
     int32_t top_k_   = 1;

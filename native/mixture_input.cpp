@@ -44,11 +44,10 @@ std::unique_ptr<MixtureInput> MixtureInput::open(const llama_model * model, cons
     input->token_only_scale_ = policy.token_only_scale;
     input->n_vocab_          = n_vocab;
     input->n_embd_           = n_embd;
-    input->row_.resize(static_cast<size_t>(n_embd));
     return input;
 }
 
-int MixtureInput::prepare(float beta, int32_t top_k, std::string * error) {
+int MixtureInput::prepare(float beta, int32_t top_k, MixtureScratch & scratch, std::string * error) const {
     if (!beta_is_valid(beta)) {
         *error = "beta must be >= 0, +inf, or <= -99 for the direct mixture; got " + std::to_string(beta);
         return PYMOI_ERR_INVALID_ARGUMENT;
@@ -59,28 +58,29 @@ int MixtureInput::prepare(float beta, int32_t top_k, std::string * error) {
         return PYMOI_ERR_INVALID_ARGUMENT;
     }
     const size_t capacity = static_cast<size_t>(top_k) + 1;
-    if (ids_.size() < capacity) {
-        ids_.resize(capacity);
-        weights_.resize(capacity);
+    if (scratch.ids.size() < capacity) {
+        scratch.ids.resize(capacity);
+        scratch.weights.resize(capacity);
     }
+    scratch.row.resize(static_cast<size_t>(n_embd_));
     return PYMOI_OK;
 }
 
-void MixtureInput::select(const float * logits, int32_t top_k) {
-    select_top_k(logits, n_vocab_, top_k, ids_.data());
+void MixtureInput::select(const float * logits, int32_t top_k, MixtureScratch & scratch) const {
+    select_top_k(logits, n_vocab_, top_k, scratch.ids.data());
 }
 
-int MixtureInput::build(const float * logits, llama_token sampled, float beta, int32_t top_k, float * out,
-                        std::string * error) {
-    const int32_t n = mixture_weights(logits, top_k, sampled, beta, ids_.data(), weights_.data(), error);
+int MixtureInput::build(const float * logits, llama_token sampled, float beta, int32_t top_k, MixtureScratch & scratch,
+                        float * out, std::string * error) const {
+    const int32_t n = mixture_weights(logits, top_k, sampled, beta, scratch.ids.data(), scratch.weights.data(), error);
     if (n < 0) return PYMOI_ERR_INVALID_ARGUMENT;
     std::fill(out, out + n_embd_, 0.0f);
     for (int32_t i = 0; i < n; ++i) {
-        const float w = weights_[static_cast<size_t>(i)];
+        const float w = scratch.weights[static_cast<size_t>(i)];
         if (w == 0.0f) continue;
-        rows_->dequantise(ids_[static_cast<size_t>(i)], row_.data());
+        rows_->dequantise(scratch.ids[static_cast<size_t>(i)], scratch.row.data());
         for (int32_t j = 0; j < n_embd_; ++j) {
-            out[j] += w * row_[static_cast<size_t>(j)];
+            out[j] += w * scratch.row[static_cast<size_t>(j)];
         }
     }
     rows_->release_pages();

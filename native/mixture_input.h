@@ -12,6 +12,13 @@
 
 namespace pymoi {
 
+// Working space of one thread building mixtures: sized once, reused every step.
+struct MixtureScratch {
+    std::vector<int32_t> ids;
+    std::vector<float>   weights;
+    std::vector<float>   row;
+};
+
 class MixtureInput {
   public:
     // Returns nullptr with `status` / `error` set when the model cannot take a mixture.
@@ -21,17 +28,19 @@ class MixtureInput {
     int32_t n_vocab() const { return n_vocab_; }
     int32_t n_embd() const { return n_embd_; }
 
-    // Checks beta and top_k and sizes the scratch space for top_k (so build() does
-    // not allocate). Returns a pymoi_status; `error` is set on failure.
-    int prepare(float beta, int32_t top_k, std::string * error);
+    // Checks beta and top_k and sizes `scratch` for top_k (so select() and build()
+    // do not allocate). Returns a pymoi_status; `error` is set on failure.
+    int prepare(float beta, int32_t top_k, MixtureScratch & scratch, std::string * error) const;
+
+    // Top-K candidates of a step's raw logits, kept in `scratch`.
+    void select(const float * logits, int32_t top_k, MixtureScratch & scratch) const;
 
     // Writes to `out` (n_embd floats) the input that stands for `sampled` after
-    // a step with these raw logits: the mixture for `beta`, with the scaling
-    // the model applies to token inputs. top_k must have been prepared.
-    int build(const float * logits, llama_token sampled, float beta, int32_t top_k, float * out, std::string * error);
-
-    // Top-K candidates of the raw logits; call before the sampler modifies them.
-    void select(const float * logits, int32_t top_k);
+    // the step whose candidates select() kept: the mixture for `beta`, with the
+    // scaling the model applies to token inputs. Safe to call from several
+    // threads with different scratch spaces.
+    int build(const float * logits, llama_token sampled, float beta, int32_t top_k, MixtureScratch & scratch,
+              float * out, std::string * error) const;
 
   private:
     MixtureInput() = default;
@@ -40,10 +49,6 @@ class MixtureInput {
     float                          token_only_scale_ = 1.0f;
     int32_t                        n_vocab_          = 0;
     int32_t                        n_embd_           = 0;
-
-    std::vector<int32_t> ids_;
-    std::vector<float>   weights_;
-    std::vector<float>   row_;
 };
 
 }  // namespace pymoi
