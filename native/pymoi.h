@@ -136,7 +136,9 @@ PYMOI_API pymoi_status pymoi_batch_prefill(pymoi_batch * batch, const llama_toke
 // One step of every live sequence: decodes the mixtures left by the previous
 // step in one llama_decode, then samples each live sequence's next token into
 // out_tokens[seq] (n_seq entries; -1 for finished sequences) and mixes its next
-// input. PYMOI_ERR_CONTEXT_FULL when the shared KV cache has no room left.
+// input. The sequences are sampled in parallel on up to llama_n_threads(ctx)
+// threads (each sampler by one thread at a time), applying each sampler chain as
+// llama_sampler_sample does. PYMOI_ERR_CONTEXT_FULL when a sequence's context is full.
 PYMOI_API pymoi_status pymoi_batch_step(pymoi_batch * batch, llama_token * out_tokens);
 
 // Ends sequence `seq`: drops its pending mixture and frees its KV cells.
