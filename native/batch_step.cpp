@@ -164,11 +164,12 @@ int BatchStep::step(llama_token * tokens, std::string * error) {
         live_[static_cast<size_t>(n_live_)]        = seq;
         ++n_live_;
     }
-    if (n_live_ > 1 && pool_.size() > 1) {
+    n_sharing_ = n_live_ > 1 ? pool_.size() : 1;
+    std::fill(status_.begin(), status_.end(), static_cast<int>(PYMOI_OK));
+    if (n_sharing_ > 1) {
         pool_.run(&BatchStep::sample_share, this);
     } else {
         sample_share(this, 0);
-        for (size_t w = 1; w < status_.size(); ++w) status_[w] = PYMOI_OK;
     }
     for (size_t w = 0; w < status_.size(); ++w) {
         if (status_[w] != PYMOI_OK) {
@@ -190,11 +191,9 @@ int BatchStep::step(llama_token * tokens, std::string * error) {
 }
 
 void BatchStep::sample_share(void * self, int worker) {
-    auto * step                                 = static_cast<BatchStep *>(self);
-    step->status_[static_cast<size_t>(worker)] = PYMOI_OK;
+    auto * step = static_cast<BatchStep *>(self);
     try {
-        const int32_t n_workers = step->n_live_ > 1 ? step->pool_.size() : 1;
-        for (int32_t j = worker; j < step->n_live_; j += n_workers) {
+        for (int32_t j = worker; j < step->n_live_; j += step->n_sharing_) {
             step->sample(j, worker);
             if (step->status_[static_cast<size_t>(worker)] != PYMOI_OK) return;
         }

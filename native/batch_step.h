@@ -64,7 +64,8 @@ class BatchStep {
     std::vector<int32_t>       live_;
     std::vector<const float *> live_logits_;
     std::vector<llama_token>   live_tokens_;
-    int32_t                    n_live_ = 0;
+    int32_t                    n_live_    = 0;
+    int32_t                    n_sharing_ = 1;  // workers the live sequences are dealt to
 
     // Per worker: mixture scratch, a vocabulary-sized candidate array for the
     // sampler chain, and the outcome of its share of the last step.

@@ -161,11 +161,13 @@ def runner(kind: str, batch: int, llm: Any, prompt: list[int], n: int) -> Callab
         return lambda: bare_decode_loop(llm, prompt, n, batch)
     if kind == "batched-moi":
         return lambda: batch_timing(llm, prompt, n, batch, 1.0)
-    # reset() first: otherwise llama-cpp-python reuses the prompt cached by the previous round.
-    if kind == "stock":
-        return lambda: generate_timing(lambda: (llm.reset(), llm.generate(prompt, **SAMPLING))[1], len(prompt), n)
-    beta = None if kind == "none" else 1.0
-    return lambda: generate_timing(lambda: (llm.reset(), llm.generate(prompt, beta=beta, **SAMPLING))[1], len(prompt), n)
+    moi: dict[str, Any] = {} if kind == "stock" else {"beta": None if kind == "none" else 1.0}
+
+    def fresh_generate() -> Any:
+        llm.reset()  # otherwise llama-cpp-python reuses the prompt cached by the previous round
+        return llm.generate(prompt, **SAMPLING, **moi)
+
+    return lambda: generate_timing(fresh_generate, len(prompt), n)
 
 
 def configurations(settings: Settings, only: Optional[str] = None) -> list[Configuration]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from types import FrameType
 from typing import Any, Optional
 
