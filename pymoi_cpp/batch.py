@@ -156,7 +156,10 @@ def completion_choices(
     stop: Optional[Union[str, list[str]]] = None,
     seed: Optional[int] = None,
     stream: bool = False,
+    tfs_z: float = 1.0,
     mirostat_mode: int = 0,
+    mirostat_tau: float = 5.0,
+    mirostat_eta: float = 0.1,
     model: Optional[str] = None,
     **unsupported: Any,
 ) -> dict[str, Any]:

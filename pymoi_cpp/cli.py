@@ -1,4 +1,4 @@
-"""The `pymoi` command line: chat, generate, demo, setup and cleanup."""
+"""The `pymoi` command line: chat, generate, demo, bench, serve, setup and cleanup."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ examples:
   pymoi chat                              talk to the embedded model
   pymoi chat model.gguf --beta 2          another model, a stronger sample
   pymoi generate -p "Once upon a time"    one completion to stdout
+  pymoi serve --port 8000                 OpenAI-compatible server, MoI per request
   echo "2+2=" | pymoi generate --json     prompt from stdin, JSON result
   pymoi setup                             MoI for every llama_cpp.Llama when MIXINPUTS_BETA is set
 """
@@ -89,21 +90,16 @@ def default_threads() -> int:
     return cores if cores <= 4 else cores // 2
 
 
-def model_options() -> argparse.ArgumentParser:
-    """Flags shared by the commands that load a model."""
+def model_options(sampling_flags: bool = True) -> argparse.ArgumentParser:
+    """Flags shared by the commands that load a model; the sampling ones unless a request brings its own."""
     shared = argparse.ArgumentParser(add_help=False)
     shared.add_argument("model", nargs="?", help="GGUF model file (default: the embedded SmolLM2-135M-Instruct)")
     moi = shared.add_argument_group("mixture of inputs")
     moi.add_argument("--beta", metavar="BETA", type=parse_beta, default=1.0, help="MoI strength: >= 0, 'direct', or 'off' (default 1.0)")
     moi.add_argument("--no-moi", action="store_true", help="ordinary decoding (same as --beta off)")
     moi.add_argument("--moi-top-k", metavar="K", type=positive_int, default=20, help="candidate tokens in each mixture (default 20)")
-    sampling = shared.add_argument_group("sampling")
-    sampling.add_argument("--temp", metavar="T", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
-    sampling.add_argument("--top-p", metavar="P", type=float, default=0.95, help="nucleus sampling (default 0.95)")
-    sampling.add_argument("--top-k", metavar="K", type=int, default=40, help="keep the K most likely tokens; 0 keeps all (default 40)")
-    sampling.add_argument("--min-p", metavar="P", type=float, default=0.05, help="minimum probability relative to the top token (default 0.05)")
-    sampling.add_argument("--max-tokens", metavar="N", type=positive_int, default=512, help="longest reply in tokens (default 512)")
-    sampling.add_argument("--seed", metavar="N", type=int, default=None, help="random seed (default: a new one each run)")
+    if sampling_flags:
+        add_sampling_flags(shared)
     runtime = shared.add_argument_group("runtime")
     runtime.add_argument("--ctx", metavar="N", type=positive_int, default=4096, help="context window in tokens (default 4096)")
     runtime.add_argument(
@@ -113,6 +109,16 @@ def model_options() -> argparse.ArgumentParser:
     runtime.add_argument("--threads", metavar="N", type=positive_int, default=None, help=f"CPU threads (default {default_threads()})")
     runtime.add_argument("--quiet", action="store_true", help="no load progress and no statistics")
     return shared
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--temp", metavar="T", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
+    sampling.add_argument("--top-p", metavar="P", type=float, default=0.95, help="nucleus sampling (default 0.95)")
+    sampling.add_argument("--top-k", metavar="K", type=int, default=40, help="keep the K most likely tokens; 0 keeps all (default 40)")
+    sampling.add_argument("--min-p", metavar="P", type=float, default=0.05, help="minimum probability relative to the top token (default 0.05)")
+    sampling.add_argument("--max-tokens", metavar="N", type=positive_int, default=512, help="longest reply in tokens (default 512)")
+    sampling.add_argument("--seed", metavar="N", type=int, default=None, help="random seed (default: a new one each run)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="FILE", default=None, help="write every number to FILE")
     bench.add_argument("--plot", metavar="FILE.png", default=None, help="bar chart of decode tokens/s (needs matplotlib)")
 
+    serve = commands.add_parser(
+        "serve", parents=[model_options(sampling_flags=False)], help="OpenAI-compatible HTTP server with MoI",
+        description="Serves /v1/completions, /v1/chat/completions and /v1/models (llama-cpp-python's server) with MoI. "
+        "Requests may carry 'beta' (a number, or null for ordinary decoding) and 'moi_top_k'; responses report the ones "
+        "used. Requests are served one at a time, in order. Needs: pip install 'pymoi-cpp[server]'.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    serve.add_argument("--port", metavar="N", type=int, default=8000, help="port; 0 picks a free one (default 8000)")
+    serve.add_argument("--alias", metavar="NAME", default=None, help="model name in the API (default: the file name without .gguf)")
+    serve.add_argument(
+        "--api-key", metavar="KEY", default=os.environ.get("PYMOI_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every route (default: $PYMOI_API_KEY, else none)",
+    )
+    serve.add_argument(
+        "--parallel", metavar="N", type=positive_int, default=1,
+        help="sequences decoded together: the most choices (n) a request may ask for; each gets --ctx / N tokens (default 1)",
+    )
     commands.add_parser(
         "setup", help="enable MIXINPUTS_BETA / PYMOI_BETA for every Python process of this environment",
         description="Installs a start-up hook in this environment's site-packages: from then on, when MIXINPUTS_BETA "
@@ -256,7 +279,8 @@ def load_model(args: argparse.Namespace, status: Status) -> Any:
                 n_ctx=args.ctx,
                 n_gpu_layers=n_gpu_layers,
                 n_threads=args.threads or default_threads(),
-                seed=llama_cpp.LLAMA_DEFAULT_SEED if args.seed is None else args.seed,
+                n_seq_max=getattr(args, "parallel", 1),
+                seed=llama_cpp.LLAMA_DEFAULT_SEED if getattr(args, "seed", None) is None else args.seed,
                 verbose=False,
             ),
         )
@@ -437,6 +461,32 @@ def run_cleanup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        from . import server
+    except ImportError as error:
+        raise CommandError(f"pymoi serve needs the server extra ({error.name} is missing): pip install 'pymoi-cpp[server]'") from None
+
+    sock = server.listen(args.host, args.port)
+    try:
+        if not server.is_loopback(args.host):
+            advice = "" if args.api_key else "; protect it with --api-key"
+            print(f"pymoi: warning: listening on {args.host} lets other machines use this server{advice}", file=sys.stderr)
+        status = Status(sys.stdout, args.quiet)
+        llm = load_model(args, status)
+        try:
+            alias = args.alias or os.path.basename(llm.model_path).removesuffix(".gguf")
+            served = server.ServedModel(llm, alias, beta=llm.beta, moi_top_k=llm.moi_top_k, parallel=args.parallel)
+            host, port = sock.getsockname()[:2]
+            print(f"serving '{alias}' at http://{host if ':' not in host else f'[{host}]'}:{port}/v1 (Ctrl-C stops)", flush=True)
+            server.run(server.create_app(served, args.api_key), sock, quiet=args.quiet)
+        finally:
+            llm.close()
+    finally:
+        sock.close()
+    return EXIT_OK
+
+
 def run_chat(args: argparse.Namespace) -> int:
     from .chat import Chat
 
@@ -453,6 +503,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": run_generate,
     "demo": run_demo,
     "bench": run_bench,
+    "serve": run_serve,
     "setup": run_setup,
     "cleanup": run_cleanup,
 }

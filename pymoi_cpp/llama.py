@@ -116,6 +116,8 @@ class Llama(llama_cpp.Llama):
         self._moi_next_generate: Optional[MoiSettings] = None
         self._moi_mixed_from: Optional[int] = None
         self._moi_generation: Optional[object] = None
+        self._moi_chat_choices = 1
+        self._moi_chat_completion: Optional[dict[str, Any]] = None
         self.last_generation = GenerationCounts()
         """Token counts of the latest generate() call (also reached through the completion methods)."""
         beta = validate_beta(beta)
@@ -130,6 +132,8 @@ class Llama(llama_cpp.Llama):
         # Tokens one sequence can hold: llama.cpp may round n_ctx up past the n_ctx that
         # llama_cpp.Llama sized its token buffer for, and n_seq_max > 1 splits it.
         self._context_limit = min(llama_cpp.llama_n_ctx_seq(self._ctx.ctx), len(self.input_ids))
+        # llama_cpp.Llama checks prompts and caps max_tokens against _n_ctx.
+        self._n_ctx = self._context_limit
         self._moi_refusal = refusal
         try:
             self._beta = beta
@@ -308,21 +312,60 @@ class Llama(llama_cpp.Llama):
         choice i with seed + i; it needs n_seq_max >= n and does not stream.
         """
         with self._call_scope(beta, moi_top_k):
+            if n == 1 and self._moi_chat_choices > 1:
+                # The chat handler asks for one completion of the formatted chat; its
+                # stop-at-end-of-turn criterion is what batched generation does anyway.
+                n = self._moi_chat_choices
+                kwargs.pop("stopping_criteria", None)
             if n == 1:
                 return super().create_completion(prompt, *args, **kwargs)
             if args:
                 raise ValueError("pass the options of create_completion by name when n > 1")
-            return completion_choices(self, prompt, n, self._moi_call, **kwargs)
+            completion = completion_choices(self, prompt, n, self._moi_call, **kwargs)
+            self._moi_chat_completion = completion
+            return completion
 
     def __call__(self, prompt: str, *args: Any, beta: Any = UNSET, moi_top_k: Optional[int] = None, **kwargs: Any) -> Any:
         """llama_cpp.Llama.__call__, with `beta` and `moi_top_k` for this call."""
         with self._call_scope(beta, moi_top_k):
             return super().__call__(prompt, *args, **kwargs)
 
-    def create_chat_completion(self, *args: Any, beta: Any = UNSET, moi_top_k: Optional[int] = None, **kwargs: Any) -> Any:
-        """llama_cpp.Llama.create_chat_completion, with `beta` and `moi_top_k` for this call."""
+    def create_chat_completion(
+        self, *args: Any, beta: Any = UNSET, moi_top_k: Optional[int] = None, n: int = 1, **kwargs: Any
+    ) -> Any:
+        """llama_cpp.Llama.create_chat_completion, with `beta` and `moi_top_k` for this call.
+
+        n > 1 returns n choices generated together, as create_completion(n=n) does; it
+        does not stream and does not call tools.
+        """
         with self._call_scope(beta, moi_top_k):
-            return super().create_chat_completion(*args, **kwargs)
+            if n == 1:
+                return super().create_chat_completion(*args, **kwargs)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"n must be a positive integer, not {n!r}")
+            given = [name for name in ("stream", "tools", "functions", "tool_choice", "function_call") if kwargs.get(name)]
+            if given:
+                raise ValueError(f"{', '.join(given)} cannot be combined with n > 1")
+            self._moi_chat_choices, self._moi_chat_completion = n, None
+            try:
+                chat = super().create_chat_completion(*args, **kwargs)
+                completion = self._moi_chat_completion
+            finally:
+                self._moi_chat_choices, self._moi_chat_completion = 1, None
+            if completion is None:
+                raise ValueError("this model's chat handler does not support n > 1")
+            chat["choices"] = [
+                {
+                    "index": choice["index"],
+                    "message": {"role": "assistant", "content": choice["text"]},
+                    "logprobs": None,
+                    "finish_reason": choice["finish_reason"],
+                }
+                for choice in completion["choices"]
+            ]
+            chat["usage"] = completion["usage"]
+            chat["beta"] = completion["beta"]
+            return chat
 
     # -- generation ----------------------------------------------------------
 
