@@ -102,7 +102,7 @@ def generate_batch(
         check(lib.pymoi_batch_begin(batch, sampler_array, beta_array, moi_top_k))
         check(lib.pymoi_batch_prefill(batch, flat, lengths))
         live = n_seq
-        while live:
+        while live and not llm.interrupted():
             check(lib.pymoi_batch_step(batch, step_tokens))
             for index in range(n_seq):
                 token = step_tokens[index]

@@ -7,6 +7,7 @@ import ctypes
 import dataclasses
 import os
 import re
+import threading
 from typing import Any, Generator, Iterator, Optional, Sequence, Union
 
 import llama_cpp
@@ -117,6 +118,7 @@ class Llama(llama_cpp.Llama):
         self._moi_mixed_from: Optional[int] = None
         self._moi_generation: Optional[object] = None
         self._moi_chat_choices = 1
+        self._moi_interrupt: Optional[threading.Event] = None
         self._moi_chat_completion: Optional[dict[str, Any]] = None
         self.last_generation = GenerationCounts()
         """Token counts of the latest generate() call (also reached through the completion methods)."""
@@ -367,6 +369,24 @@ class Llama(llama_cpp.Llama):
             chat["beta"] = completion["beta"]
             return chat
 
+    @contextlib.contextmanager
+    def interruptible(self, event: threading.Event) -> Iterator[None]:
+        """Generations inside the block stop after their current token once `event` is set.
+
+        The event may be set from any thread (a server sets it when its client leaves);
+        the completion then ends early with what was generated so far.
+        """
+        previous = self._moi_interrupt
+        self._moi_interrupt = event
+        try:
+            yield
+        finally:
+            self._moi_interrupt = previous
+
+    def interrupted(self) -> bool:
+        """Whether the event of the enclosing interruptible() block is set."""
+        return self._moi_interrupt is not None and self._moi_interrupt.is_set()
+
     # -- generation ----------------------------------------------------------
 
     def generate(
@@ -454,6 +474,8 @@ class Llama(llama_cpp.Llama):
                     return
                 counts.completion_tokens += 1
                 extra_tokens = yield token
+                if self.interrupted():
+                    return
 
     def _discard_mixed_positions(self) -> None:
         """Drops the KV positions that were fed a mixture."""

@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import json
 import socket
+import threading
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 import anyio
@@ -142,16 +143,16 @@ class ServedModel:
         with client_errors():
             llm = llama_server.prepare_request_resources(body, self, body.model, kwargs)
 
+        client_left = threading.Event()
+
         def generate() -> Any:
-            with client_errors():
+            with client_errors(), llm.interruptible(client_left):
                 return method(llm, **kwargs, **moi)
 
         if body.stream:
             return await self.stream(generate, moi)
         async with self.gate:
-            if await request.is_disconnected():
-                raise RequestError(400, "the client closed the request before it started")
-            return with_moi(await run_in_threadpool(generate), moi)
+            return with_moi(await run_watching_departure(request, client_left, generate), moi)
 
     async def stream(self, generate: Callable[[], Iterator[Any]], moi: dict[str, Any]) -> "ModelStream":
         """An event stream that holds the gate until it ends; errors before the first chunk are 4xx."""
@@ -182,6 +183,27 @@ class ServedModel:
             yield "[DONE]"
 
         return ModelStream(events(), finish)
+
+
+async def run_watching_departure(request: Request, client_left: threading.Event, work: Callable[[], Any]) -> Any:
+    """work() in a worker thread; client_left is set if the client closes the connection meanwhile."""
+
+    async def notice_departure() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        client_left.set()
+
+    result, error = None, None
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(notice_departure)
+        try:
+            result = await run_in_threadpool(work)
+        except Exception as caught:  # raised below, outside the task group, so not wrapped in an ExceptionGroup
+            error = caught
+        tasks.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return result
 
 
 def next_chunk(chunks: Iterator[Any]) -> Any:
