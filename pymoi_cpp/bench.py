@@ -17,6 +17,7 @@ import llama_cpp
 import numpy as np
 
 from .llama import Llama
+from .reporting import Progress, pyplot
 
 PROMPT = (
     "Write a detailed story about a lighthouse keeper who finds a message in a bottle, "
@@ -208,32 +209,6 @@ def _child(argv: list[str]) -> None:
     print(peak_rss_mib())
 
 
-class Progress:
-    """A one-line progress bar on stderr (a plain line per 10% when stderr is not a terminal)."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.done = 0
-        self.start = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-        self.last_tenth = -1
-
-    def advance(self, label: str) -> None:
-        self.done += 1
-        share = self.done / self.total
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / share - elapsed
-        if self.tty:
-            bar = "#" * int(30 * share)
-            sys.stderr.write(f"\r[{bar:<30}] {self.done}/{self.total} eta {eta:4.0f} s  {label[:40]:<40}")
-            if self.done == self.total:
-                sys.stderr.write("\r" + " " * 100 + "\r")
-        elif int(share * 10) != self.last_tenth:
-            self.last_tenth = int(share * 10)
-            sys.stderr.write(f"bench: {self.done}/{self.total} runs, eta {eta:.0f} s\n")
-        sys.stderr.flush()
-
-
 def summary(values: Sequence[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": list(values)}
 
@@ -241,7 +216,7 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
 def run_benchmark(settings: Settings) -> dict[str, Any]:
     """Runs every configuration `rounds` times, interleaved, and measures peak memory in separate processes."""
     configs = configurations(settings)
-    progress = Progress(len(configs) * (settings.rounds + 1) + (len(configs) if settings.measure_memory else 0))
+    progress = Progress("bench", "runs", len(configs) * (settings.rounds + 1) + (len(configs) if settings.measure_memory else 0))
     for config in configs:  # warm-up round, not recorded
         config.run()
         progress.advance(f"warm-up {config.name}")
@@ -315,13 +290,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: str) -> None:
     """A bar chart of decode tokens/s per configuration, written to `path` (PNG)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install 'pymoi-cpp[bench]'") from None
+    plt = pyplot()
     rows = result["configurations"]
     names = [row["name"] for row in rows]
     medians = [row["decode_tokens_per_s"]["median"] for row in rows]

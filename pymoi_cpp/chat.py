@@ -27,20 +27,25 @@ REPLY_SHARE = 4
 TEMPLATE_OVERHEAD = 8
 
 
+def chat_formatter(llm: Any) -> Optional[llama_chat_format.Jinja2ChatFormatter]:
+    """The model's own chat template (from its GGUF metadata), or None when it has none."""
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+    vocab = llm._model
+    return llama_chat_format.Jinja2ChatFormatter(
+        template=template,
+        eos_token=vocab.token_get_text(llm.token_eos()) if llm.token_eos() != -1 else "",
+        bos_token=vocab.token_get_text(llm.token_bos()) if llm.token_bos() != -1 else "",
+    )
+
+
 class PromptLength:
     """Counts the tokens of a conversation as the model's chat template renders it."""
 
     def __init__(self, llm: Any) -> None:
         self.llm = llm
-        self.formatter: Optional[llama_chat_format.Jinja2ChatFormatter] = None
-        template = llm.metadata.get("tokenizer.chat_template")
-        if template:
-            vocab = llm._model
-            self.formatter = llama_chat_format.Jinja2ChatFormatter(
-                template=template,
-                eos_token=vocab.token_get_text(llm.token_eos()) if llm.token_eos() != -1 else "",
-                bos_token=vocab.token_get_text(llm.token_bos()) if llm.token_bos() != -1 else "",
-            )
+        self.formatter = chat_formatter(llm)
 
     def __call__(self, messages: list[dict[str, str]]) -> int:
         if self.formatter is not None:

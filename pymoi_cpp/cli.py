@@ -1,4 +1,4 @@
-"""The `pymoi` command line: chat, generate, demo, bench, serve, setup and cleanup."""
+"""The `pymoi` command line: chat, generate, demo, bench, serve, eval, setup and cleanup."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ examples:
   pymoi chat model.gguf --beta 2          another model, a stronger sample
   pymoi generate -p "Once upon a time"    one completion to stdout
   pymoi serve --port 8000                 OpenAI-compatible server, MoI per request
+  pymoi eval countdown --problems 64      does MoI help on this model? (generated tasks)
   echo "2+2=" | pymoi generate --json     prompt from stdin, JSON result
   pymoi setup                             MoI for every llama_cpp.Llama when MIXINPUTS_BETA is set
 """
@@ -180,6 +181,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--parallel", metavar="N", type=positive_int, default=1,
         help="sequences decoded together: the most choices (n) a request may ask for; each gets --ctx / N tokens (default 1)",
     )
+    evaluate = commands.add_parser(
+        "eval", help="does MoI help on this model? generated tasks, several betas, same problems and seeds",
+        description="Runs a generated task (countdown: reach a target with four numbers and + - * /; arithmetic: "
+        "multi-step word problems) under each beta, with the same problems and seeds, batched. Prints accuracy with a "
+        "95%% interval, the paired comparison with ordinary decoding (McNemar's exact test), mean tokens and tokens/s. "
+        "Ctrl-C stops and reports what is done.",
+    )
+    evaluate.add_argument("task", choices=("countdown", "arithmetic"), help="the generated task")
+    evaluate.add_argument("model", nargs="?", help="GGUF model file (default: the embedded SmolLM2-135M-Instruct)")
+    evaluate.add_argument("--problems", metavar="N", type=positive_int, default=128, help="problems (default 128)")
+    evaluate.add_argument(
+        "--betas", metavar="LIST", default="none,0.5,1,2,direct",
+        help="configurations: numbers >= 0, 'none' (ordinary decoding, the reference), 'direct' (default none,0.5,1,2,direct)",
+    )
+    evaluate.add_argument("--seed", metavar="N", type=int, default=0, help="problem and sampling seed (default 0)")
+    evaluate.add_argument("--samples", metavar="N", type=positive_int, default=1, help="samples per problem (default 1)")
+    evaluate.add_argument("--max-tokens", metavar="N", type=positive_int, default=1024, help="longest reply (default 1024)")
+    evaluate.add_argument("--temp", metavar="T", type=float, default=0.6, help="temperature (default 0.6, as the paper's Countdown runs)")
+    evaluate.add_argument("--top-p", metavar="P", type=float, default=0.4, help="nucleus sampling (default 0.4, as the paper's)")
+    evaluate.add_argument("--moi-top-k", metavar="K", type=positive_int, default=20, help="candidate tokens in each mixture (default 20)")
+    evaluate.add_argument("--parallel", metavar="N", type=positive_int, default=8, help="problems decoded together (default 8)")
+    evaluate.add_argument("--out", metavar="FILE.json", default=None, help="write every problem, reply and verdict")
+    evaluate.add_argument("--plot", metavar="FILE.png", default=None, help="accuracy per beta with 95%% intervals (needs matplotlib)")
+    evaluate.add_argument("--n-gpu-layers", metavar="N", type=int, default=None, help="layers to offload to the GPU (default: all with a GPU backend)")
+    evaluate.add_argument("--threads", metavar="N", type=positive_int, default=None, help=f"CPU threads (default {default_threads()})")
+    evaluate.add_argument("--quiet", action="store_true", help="no load line and no progress bar")
     commands.add_parser(
         "setup", help="enable MIXINPUTS_BETA / PYMOI_BETA for every Python process of this environment",
         description="Installs a start-up hook in this environment's site-packages: from then on, when MIXINPUTS_BETA "
@@ -447,6 +474,55 @@ def run_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# Room for the longest generated prompt in each sequence's context, besides --max-tokens.
+EVAL_PROMPT_ROOM = 512
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluation import TASKS
+    from .evaluation.runner import Evaluation, Settings, format_table, parse_configurations, plot
+    from .reporting import Progress
+
+    try:
+        configurations = parse_configurations(args.betas)
+    except ValueError as error:
+        raise CommandError(f"--betas: {error}", EXIT_USAGE) from None
+    if not 0 < args.top_p <= 1 or args.temp < 0:
+        raise CommandError("--temp must be >= 0 and --top-p in (0, 1]", EXIT_USAGE)
+    settings = Settings(
+        problems=args.problems, samples=args.samples, seed=args.seed, max_tokens=args.max_tokens,
+        temperature=args.temp, top_p=args.top_p, parallel=min(args.parallel, args.problems),
+    )
+    # load_model's flags, for a context of `parallel` sequences.
+    args.beta, args.no_moi, args.ctx = 1.0, False, settings.parallel * (settings.max_tokens + EVAL_PROMPT_ROOM)
+    status = Status(sys.stderr, args.quiet)
+    llm = load_model(args, status)
+    try:
+        evaluation = Evaluation(llm, TASKS[args.task], settings, configurations)
+        progress = None if args.quiet else Progress("eval", "replies", len(configurations) * args.problems * args.samples)
+        try:
+            evaluation.run(progress)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+        result = evaluation.to_json(llm.model_path)
+    finally:
+        llm.close()
+    if evaluation.interrupted:
+        status.line(f"interrupted: {len(evaluation.records) // len(configurations)} of {args.problems * args.samples} problems done")
+    print(format_table(result["configurations"]))
+    if args.out:
+        with open(args.out, "w") as out:
+            json.dump(result, out, indent=1)
+        print(f"wrote {args.out}")
+    if args.plot and evaluation.records:
+        try:
+            plot(result, args.plot)
+        except RuntimeError as error:
+            raise CommandError(str(error)) from None
+        print(f"wrote {args.plot}")
+    return 130 if evaluation.interrupted else EXIT_OK
+
+
 def run_setup(args: argparse.Namespace) -> int:
     from .activation import setup
 
@@ -464,7 +540,7 @@ def run_cleanup(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     try:
         from . import server
-    except ImportError as error:
+    except ModuleNotFoundError as error:
         raise CommandError(f"pymoi serve needs the server extra ({error.name} is missing): pip install 'pymoi-cpp[server]'") from None
 
     sock = server.listen(args.host, args.port)
@@ -504,6 +580,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": run_demo,
     "bench": run_bench,
     "serve": run_serve,
+    "eval": run_eval,
     "setup": run_setup,
     "cleanup": run_cleanup,
 }

@@ -21,6 +21,7 @@ import pytest
 
 import pymoi_cpp
 
+PYMOI = pathlib.Path(sys.executable).with_name("pymoi")
 API_KEY = "sk-test-4b1d"
 CTX, PARALLEL = 2048, 4  # 512 tokens per sequence
 GREEDY = {"temperature": 0.0, "max_tokens": 24, "seed": 1}
@@ -56,7 +57,7 @@ class Server:
 def start_server(tmp_path: pathlib.Path, *args: str) -> Server:
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with out.open("w") as stdout, err.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "pymoi_cpp", "serve", *args], stdout=stdout, stderr=stderr)
+        process = subprocess.Popen([str(PYMOI), "serve", *args], stdout=stdout, stderr=stderr)
     return Server(process, out, err)
 
 
@@ -306,7 +307,7 @@ def test_listening_beyond_loopback_warns(smollm2_path: str, tmp_path: pathlib.Pa
 
 def test_a_taken_port_is_a_one_line_error(server: Server, smollm2_path: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "pymoi_cpp", "serve", smollm2_path, "--port", str(server.port)],
+        [str(PYMOI), "serve", smollm2_path, "--port", str(server.port)],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 1

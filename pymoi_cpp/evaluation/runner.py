@@ -1,0 +1,223 @@
+"""`pymoi eval`: one generated task under several betas, the same problems and seeds for each."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Optional, Sequence
+
+import llama_cpp
+
+from .. import __version__
+from ..batch import completion_prompt_tokens
+from ..chat import chat_formatter
+from ..reporting import Progress, pyplot
+from .problems import Task, Verdict
+from .statistics import mcnemar_exact, paired_counts, wilson_interval
+
+REFERENCE = "none"
+DIRECT_BETA = -100.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Configuration:
+    label: str
+    beta: Optional[float]
+
+
+def parse_configurations(text: str) -> list[Configuration]:
+    """'none,0.5,1,2,direct' -> configurations; ValueError naming the bad entry."""
+    configurations: list[Configuration] = []
+    for entry in (part.strip().lower() for part in text.split(",")):
+        if entry in ("none", "off"):
+            configuration = Configuration(REFERENCE, None)
+        elif entry == "direct":
+            configuration = Configuration("direct", DIRECT_BETA)
+        else:
+            try:
+                beta = float(entry)
+            except ValueError:
+                raise ValueError(f"'{entry}' is not a beta: use numbers >= 0, 'none' (ordinary decoding) or 'direct'") from None
+            if not (math.isfinite(beta) and beta >= 0):
+                raise ValueError(f"beta {entry} is out of range: use numbers >= 0, 'none' or 'direct'")
+            configuration = Configuration(f"{beta:g}", beta)
+        if configuration.label in (c.label for c in configurations):
+            raise ValueError(f"'{entry}' is given twice")
+        configurations.append(configuration)
+    return configurations
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    problems: int = 128
+    samples: int = 1
+    seed: int = 0
+    max_tokens: int = 1024
+    temperature: float = 0.6
+    top_p: float = 0.4
+    parallel: int = 8
+
+
+@dataclasses.dataclass
+class Record:
+    problem: int
+    sample: int
+    seed: int
+    configuration: str
+    reply: str
+    completion_tokens: int
+    verdict: Verdict
+
+    def to_json(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        fields["verdict"] = self.verdict.to_json()
+        return fields
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Runs every configuration on the same problems, batch by batch; `records` grows as they finish."""
+
+    llm: Any
+    task: Task
+    settings: Settings
+    configurations: list[Configuration]
+    records: list[Record] = dataclasses.field(default_factory=list)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    interrupted: bool = False
+
+    def __post_init__(self) -> None:
+        self.problems = self.task.generate(self.settings.problems, self.settings.seed)
+        formatter = chat_formatter(self.llm)
+        self.prompts = [
+            completion_prompt_tokens(
+                self.llm, formatter(messages=[{"role": "user", "content": p.question}]).prompt if formatter else p.question
+            )
+            for p in self.problems
+        ]
+
+    def seed(self, problem: int, sample: int) -> int:
+        return self.settings.seed + sample * len(self.problems) + problem
+
+    def run(self, progress: Optional[Progress] = None) -> None:
+        """Generates and grades everything; Ctrl-C stops, keeping the batches every configuration finished."""
+        step = self.settings.parallel
+        try:
+            for sample in range(self.settings.samples):
+                for first in range(0, len(self.problems), step):
+                    indices = range(first, min(first + step, len(self.problems)))
+                    batch_records, batch_seconds = [], {}
+                    for configuration in self.configurations:
+                        start = time.perf_counter()
+                        batch_records += self.run_batch(configuration, sample, indices)
+                        batch_seconds[configuration.label] = time.perf_counter() - start
+                        if progress is not None:
+                            progress.advance(f"beta {configuration.label}, problems {indices[0]}-{indices[-1]}", len(indices))
+                    self.records += batch_records
+                    for label, seconds in batch_seconds.items():
+                        self.seconds[label] = self.seconds.get(label, 0.0) + seconds
+        except KeyboardInterrupt:
+            self.interrupted = True
+            if progress is not None:
+                progress.clear()
+
+    def run_batch(self, configuration: Configuration, sample: int, indices: range) -> list[Record]:
+        outputs = self.llm.generate_batch(
+            [self.prompts[i] for i in indices],
+            self.settings.max_tokens,
+            beta=configuration.beta,
+            temp=self.settings.temperature,
+            top_p=self.settings.top_p,
+            top_k=0,
+            min_p=0.0,
+            seed=self.seed(indices[0], sample),
+        )
+        records = []
+        for index, tokens in zip(indices, outputs):
+            reply = self.llm.detokenize(tokens, prev_tokens=self.prompts[index]).decode("utf-8", errors="replace")
+            verdict = self.task.verify(self.problems[index], reply)
+            records.append(Record(index, sample, self.seed(index, sample), configuration.label, reply, len(tokens), verdict))
+        return records
+
+    def outcomes(self, label: str) -> list[bool]:
+        """Correctness per (problem, sample), in a fixed order shared by all configurations."""
+        mine = sorted((r.sample, r.problem, r.verdict.correct) for r in self.records if r.configuration == label)
+        return [correct for _, _, correct in mine]
+
+    def summary(self) -> list[dict[str, Any]]:
+        rows = []
+        reference = self.outcomes(REFERENCE) if any(c.label == REFERENCE for c in self.configurations) else None
+        for configuration in self.configurations:
+            records = [r for r in self.records if r.configuration == configuration.label]
+            outcomes = self.outcomes(configuration.label)
+            correct, trials = sum(outcomes), len(outcomes)
+            tokens = sum(r.completion_tokens for r in records)
+            low, high = wilson_interval(correct, trials)
+            row: dict[str, Any] = {
+                "configuration": configuration.label,
+                "beta": configuration.beta,
+                "trials": trials,
+                "correct": correct,
+                "accuracy": correct / trials if trials else math.nan,
+                "ci95": [low, high],
+                "mean_tokens": tokens / trials if trials else math.nan,
+                "tokens_per_s": tokens / self.seconds[configuration.label] if self.seconds.get(configuration.label) else math.nan,
+                "reasons": {reason: sum(r.verdict.reason == reason for r in records) for reason in sorted({r.verdict.reason for r in records})},
+            }
+            if reference is not None and configuration.label != REFERENCE:
+                only_reference, only_this = paired_counts(reference, outcomes)
+                row["vs_none"] = {"only_none": only_reference, "only_this": only_this, "mcnemar_p": mcnemar_exact(only_reference, only_this)}
+            rows.append(row)
+        return rows
+
+    def to_json(self, model_path: str) -> dict[str, Any]:
+        return {
+            "task": self.task.name,
+            "model": model_path,
+            "settings": dataclasses.asdict(self.settings),
+            "interrupted": self.interrupted,
+            "versions": {"pymoi_cpp": __version__, "llama_cpp": llama_cpp.__version__},
+            "configurations": self.summary(),
+            "problems": [problem.to_json() for problem in self.problems],
+            "records": [record.to_json() for record in self.records],
+        }
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Accuracy, its 95% interval, the paired comparison with standard decoding, tokens and speed."""
+    lines = [f"{'beta':<8} {'correct':>9} {'accuracy':>9} {'95% CI':>15} {'vs none: b/c':>13} {'p':>7} {'tokens':>7} {'tok/s':>7}"]
+    for row in rows:
+        low, high = row["ci95"]
+        versus = row.get("vs_none")
+        paired = f"{versus['only_none']}/{versus['only_this']}" if versus else "-"
+        p_value = f"{versus['mcnemar_p']:.3f}" if versus else "-"
+        lines.append(
+            f"{row['configuration']:<8} {row['correct']:>4}/{row['trials']:<4} {100 * row['accuracy']:>8.1f}% "
+            f"{f'[{100 * low:.1f}, {100 * high:.1f}]':>15} {paired:>13} {p_value:>7} {row['mean_tokens']:>7.1f} {row['tokens_per_s']:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """Accuracy per configuration with its 95% interval, written to `path` (PNG)."""
+    plt = pyplot()
+    rows = result["configurations"]
+    accuracy = [100 * row["accuracy"] for row in rows]
+    below = [a - 100 * row["ci95"][0] for a, row in zip(accuracy, rows)]
+    above = [100 * row["ci95"][1] - a for a, row in zip(accuracy, rows)]
+    figure, axes = plt.subplots(figsize=(1.2 * len(rows) + 3, 4))
+    axes.errorbar(range(len(rows)), accuracy, yerr=[below, above], fmt="o", capsize=5, color="#c44e52")
+    axes.set_xticks(range(len(rows)), [f"beta {row['configuration']}" for row in rows])
+    axes.set_ylabel("accuracy, % (95% Wilson interval)")
+    axes.set_ylim(0, 100)
+    settings = result["settings"]
+    axes.set_title(
+        f"{result['task']}, {os.path.basename(result['model'])}: {rows[0]['trials'] if rows else 0} trials, "
+        f"T {settings['temperature']:g}, top-p {settings['top_p']:g}"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
