@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="does MoI help on this model? generated tasks, several betas, same problems and seeds",
         description="Runs a generated task (countdown: reach a target with four numbers and + - * /; arithmetic: "
         "multi-step word problems) under each beta, with the same problems and seeds, batched. Prints accuracy with a "
-        "95%% interval, the paired comparison with ordinary decoding (McNemar's exact test), mean tokens and tokens/s. "
+        "95% interval, the paired comparison with ordinary decoding (McNemar's exact test), mean tokens and tokens/s. "
         "Ctrl-C stops and reports what is done.",
     )
     evaluate.add_argument("task", choices=("countdown", "arithmetic"), help="the generated task")
