@@ -290,6 +290,12 @@ class Llama(llama_cpp.Llama):
 
     def _create_completion(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
         settings = self._settings(UNSET, None)
+        interrupt = self._moi_interrupt
+        if interrupt is not None:
+            # As a stopping criterion, so that the completion keeps the text generated so far.
+            criteria = StoppingCriteriaList(kwargs.get("stopping_criteria") or [])
+            criteria.append(lambda tokens, logits: interrupt.is_set())
+            kwargs["stopping_criteria"] = criteria
         return self._generating_with(settings, super()._create_completion(*args, **kwargs))
 
     def _generating_with(self, settings: MoiSettings, completion: Iterator[Any]) -> Iterator[Any]:

@@ -104,6 +104,8 @@ class ServedModel:
         self.parallel = parallel
         # One generation at a time, in arrival order; a stream holds it until it ends.
         self.gate = anyio.Semaphore(1)
+        # Set to end the non-streamed generation in progress (a stream ends when its response is cancelled).
+        self.running: Optional[threading.Event] = None
 
     def __iter__(self) -> Iterator[str]:
         yield self.alias
@@ -152,7 +154,11 @@ class ServedModel:
         if body.stream:
             return await self.stream(generate, moi)
         async with self.gate:
-            return with_moi(await run_watching_departure(request, client_left, generate), moi)
+            self.running = client_left
+            try:
+                return with_moi(await run_watching_departure(request, client_left, generate), moi)
+            finally:
+                self.running = None
 
     async def stream(self, generate: Callable[[], Iterator[Any]], moi: dict[str, Any]) -> "ModelStream":
         """An event stream that holds the gate until it ends; errors before the first chunk are 4xx."""
@@ -348,8 +354,17 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def run(app: FastAPI, sock: socket.socket, *, quiet: bool) -> None:
-    """Serves app on the bound socket until Ctrl-C or SIGTERM."""
+    """Serves app on the bound socket until Ctrl-C or SIGTERM, which end the generation in progress."""
     import uvicorn
 
+    model: ServedModel = app.state.served
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            running = model.running
+            if running is not None:
+                running.set()
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not quiet, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    Server(config).run(sockets=[sock])
