@@ -178,8 +178,14 @@ def test_arithmetic_verdicts(answer: str, target: int, reason: str, value: str) 
     assert (verdict.correct, verdict.reason, verdict.value) == (reason == "correct", reason, value)
 
 
-def test_arithmetic_without_tags() -> None:
-    assert ARITHMETIC.verify(arithmetic(42), "The answer is 42.").reason == "no answer"
+def test_arithmetic_without_tags_takes_the_last_integer() -> None:
+    problem = arithmetic(42)
+    assert ARITHMETIC.verify(problem, "3 bags of 4 make 12, so the answer is 42.").reason == "correct"
+    assert ARITHMETIC.verify(problem, "The answer is 42. Check: 40 + 2 = 42 apples, 7 left").reason == "wrong value"
+    assert ARITHMETIC.verify(problem, "It is 1,042 now.").value == "1042"
+    assert ARITHMETIC.verify(problem, "I do not know.").reason == "no answer"
+    # The tags win over any later number.
+    assert ARITHMETIC.verify(problem, "<answer>42</answer> (that is 6 * 7)").reason == "correct"
 
 
 def test_mcnemar_exact() -> None:

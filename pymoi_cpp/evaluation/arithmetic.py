@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 import re
 from fractions import Fraction
+from typing import Optional
 
-from .problems import Problem, Task, Verdict, grade, normalize
+from .problems import Problem, Task, Verdict, extract_answer, grade, normalize
 
 NAME = "arithmetic"
 NAMES = ("Ava", "Ben", "Chloe", "Daniel", "Emma", "Felix", "Grace", "Hugo", "Isla", "Jack", "Lena", "Omar", "Priya", "Sam", "Zoe")
@@ -14,6 +15,7 @@ ITEMS = ("apples", "marbles", "stickers", "pencils", "cookies", "stamps", "shell
 GAIN_VERBS = ("buys", "finds", "is given")
 SHARE_GROUPS = (2, 3, 4)
 _THOUSANDS_SEPARATOR = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?!\d)")
 
 
 def make_problem(seed: int, index: int) -> Problem:
@@ -62,16 +64,26 @@ def _clean(answer: str) -> str:
     return _THOUSANDS_SEPARATOR.sub("", normalize(answer))
 
 
+def _answer_or_last_number(reply: str) -> Optional[str]:
+    """The last <answer>, or else the last integer of the reply (as GSM8K's flexible extraction does)."""
+    answer = extract_answer(reply)
+    if answer is not None:
+        return answer
+    numbers = _NUMBER.findall(reply)
+    return numbers[-1] if numbers else None
+
+
 def verify(problem: Problem, reply: str) -> Verdict:
     """Correct when the last answer is the target as a bare integer ("1,234" separators and a sign
-    allowed); an expression or a number with a unit is not accepted."""
+    allowed); an expression or a number with a unit is not accepted. A reply without <answer> tags
+    is scored on its last integer: small models rarely use the tags."""
 
     def check(expression: str, value: Fraction, literals: list[int]) -> str:
         if len(literals) != 1 or expression.count("-") > 1:
             return "not allowed"
         return "correct" if value == problem.target else "wrong value"
 
-    return grade(reply, True, check, _clean)
+    return grade(reply, True, check, _clean, _answer_or_last_number)
 
 
 TASK = Task(NAME, "word problems of two or three integer steps (buying, giving away, bags, sharing)", generate, verify)

@@ -136,10 +136,11 @@ def grade(
     allow_unary_minus: bool,
     check: Callable[[str, Fraction, list[int]], str],
     clean: Callable[[str], str] = normalize,
+    extract: Callable[[str], Optional[str]] = extract_answer,
 ) -> Verdict:
-    """The verdict on a reply: its answer is cleaned, cut to the left side of an equation and evaluated,
-    then check(expression, value, literals) gives the reason ("correct" or another Verdict reason)."""
-    answer = extract_answer(reply)
+    """The verdict on a reply: its answer (by `extract`) is cleaned, cut to the left side of an equation
+    and evaluated, then check(expression, value, literals) gives the reason ("correct" or another Verdict reason)."""
+    answer = extract(reply)
     if answer is None:
         return Verdict(False, "no answer", None, None)
     try:
