@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
-from types import FrameType
 from typing import Any, Optional
 
 from llama_cpp import llama_chat_format
 
 from .cli import EXIT_OK, Status, Timer, describe_beta, describe_rate, parse_beta
+from .reporting import StopOnInterrupt
 
 HELP = """\
 commands:
@@ -52,27 +51,6 @@ class PromptLength:
             prompt = self.formatter(messages=messages).prompt
             return len(self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
         return sum(len(self.llm.tokenize(m["content"].encode("utf-8"), add_bos=False)) + TEMPLATE_OVERHEAD for m in messages)
-
-
-class StopOnInterrupt:
-    """While active, the first Ctrl-C asks the reply to stop; a second one interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous: Any = None
-
-    def __enter__(self) -> "StopOnInterrupt":
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGINT, self.previous)
-
-    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
 
 
 class Chat:

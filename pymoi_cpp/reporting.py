@@ -1,10 +1,13 @@
-"""What the long-running commands (bench, eval) share: a progress line and the plotting module."""
+"""What the long-running commands share: a progress line, a gentle Ctrl-C and the plotting module."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
-from typing import Any
+from types import FrameType
+from typing import Any, Optional
 
 
 class Progress:
@@ -39,6 +42,31 @@ class Progress:
         if self.tty and self.done < self.total:
             sys.stderr.write("\r" + " " * 100 + "\r")
             sys.stderr.flush()
+
+
+class StopOnInterrupt:
+    """While active, the first Ctrl-C sets `event` (work stops at its next check); a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.previous: Any = None
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+    def __enter__(self) -> "StopOnInterrupt":
+        self.event.clear()
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
 
 
 def pyplot() -> Any:

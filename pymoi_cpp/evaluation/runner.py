@@ -13,7 +13,7 @@ import llama_cpp
 from .. import __version__
 from ..batch import completion_prompt_tokens
 from ..chat import chat_formatter
-from ..reporting import Progress, pyplot
+from ..reporting import Progress, StopOnInterrupt, pyplot
 from .problems import Task, Verdict
 from .statistics import mcnemar_exact, paired_counts, wilson_interval
 
@@ -91,18 +91,30 @@ class Evaluation:
     def __post_init__(self) -> None:
         self.problems = self.task.generate(self.settings.problems, self.settings.seed)
         formatter = chat_formatter(self.llm)
-        self.prompts = [
-            completion_prompt_tokens(
-                self.llm, formatter(messages=[{"role": "user", "content": p.question}]).prompt if formatter else p.question
-            )
-            for p in self.problems
-        ]
+        self.prompts = [self.prompt_tokens(formatter, problem.question) for problem in self.problems]
+
+    def prompt_tokens(self, formatter: Any, question: str) -> list[int]:
+        """The question as one user turn of the model's chat template, or as plain text when it has none."""
+        if formatter is None:
+            return completion_prompt_tokens(self.llm, question)
+        # The rendered template holds its own special tokens (BOS included), as llama-cpp-python's chat handler assumes.
+        text = formatter(messages=[{"role": "user", "content": question}]).prompt
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def seed(self, problem: int, sample: int) -> int:
         return self.settings.seed + sample * len(self.problems) + problem
 
     def run(self, progress: Optional[Progress] = None) -> None:
-        """Generates and grades everything; Ctrl-C stops, keeping the batches every configuration finished."""
+        """Generates and grades everything; Ctrl-C stops, keeping the batches every configuration finished.
+
+        The first Ctrl-C ends the batch being decoded after its current step; a second one interrupts at once.
+        """
+        with StopOnInterrupt() as stop, self.llm.interruptible(stop.event):
+            self._run(progress, stop)
+        if self.interrupted and progress is not None:
+            progress.clear()
+
+    def _run(self, progress: Optional[Progress], stop: StopOnInterrupt) -> None:
         step = self.settings.parallel
         try:
             for sample in range(self.settings.samples):
@@ -112,6 +124,9 @@ class Evaluation:
                     for configuration in self.configurations:
                         start = time.perf_counter()
                         batch_records += self.run_batch(configuration, sample, indices)
+                        if stop.requested:
+                            self.interrupted = True
+                            return
                         batch_seconds[configuration.label] = time.perf_counter() - start
                         if progress is not None:
                             progress.advance(f"beta {configuration.label}, problems {indices[0]}-{indices[-1]}", len(indices))
@@ -120,8 +135,6 @@ class Evaluation:
                         self.seconds[label] = self.seconds.get(label, 0.0) + seconds
         except KeyboardInterrupt:
             self.interrupted = True
-            if progress is not None:
-                progress.clear()
 
     def run_batch(self, configuration: Configuration, sample: int, indices: range) -> list[Record]:
         outputs = self.llm.generate_batch(
