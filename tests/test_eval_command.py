@@ -9,7 +9,10 @@ import struct
 import subprocess
 import sys
 
+import pymoi_cpp
 from pymoi_cpp.evaluation import TASKS
+from pymoi_cpp.evaluation.runner import Evaluation, Settings, parse_configurations
+from tiny_models import write_tiny_model
 
 PYMOI = pathlib.Path(sys.executable).with_name("pymoi")
 
@@ -118,3 +121,22 @@ def test_bad_arguments(smollm2_path: str) -> None:
         assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
     result = pymoi("eval", "sudoku", smollm2_path)
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_prompts_carry_one_bos(tiny_dir: pathlib.Path) -> None:
+    """A chat template that writes its own BOS, on a model that adds one: the prompt starts with exactly one."""
+    templated = write_tiny_model(tiny_dir / "templated.gguf", chat_template="{{ bos_token }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    plain = write_tiny_model(tiny_dir / "plain.gguf")
+    settings = Settings(problems=3, parallel=1)
+    for path in (templated, plain):
+        llm = pymoi_cpp.Llama(str(path), n_ctx=256, verbose=False)
+        try:
+            evaluation = Evaluation(llm, TASKS["arithmetic"], settings, parse_configurations("none"))
+            for problem, prompt in zip(evaluation.problems, evaluation.prompts):
+                assert prompt[0] == llm.token_bos() and prompt[1] != llm.token_bos()
+                body = llm.tokenize(problem.question.encode(), add_bos=False)
+                text = llm.detokenize(prompt[1:]).decode()
+                # (SentencePiece puts a space before the first piece.)
+                assert (text.lstrip() == f"[{problem.question}]") if path == templated else (prompt[1:] == body)
+        finally:
+            llm.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 import pathlib
+from typing import Optional
 from dataclasses import dataclass
 import gguf
 import numpy as np
@@ -174,6 +175,7 @@ def write_tiny_model(
     seed: int = 0,
     tied_output: bool = False,
     split_max_tensors: int = 0,
+    chat_template: Optional[str] = None,
 ) -> pathlib.Path:
     """Write a tiny random-weight model of architecture ``arch`` to ``path``; return the path to load.
 
@@ -185,7 +187,7 @@ def write_tiny_model(
     projection (always the case for gemma2).  ``split_max_tensors > 0`` writes
     shards ``<stem>-0000i-of-0000N.gguf`` of at most that many tensors next to
     ``path`` and returns the first shard (or ``path`` itself if everything fits
-    in one shard).
+    in one shard).  ``chat_template`` is stored as ``tokenizer.chat_template``.
     """
     if arch not in _ARCH_SPECS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")
@@ -209,6 +211,8 @@ def write_tiny_model(
     writer.add_name("tiny random model")  # no arch in it: names containing "phi3" trigger vocab fix-ups
     _add_hparams(writer, spec, n_embd, n_ff, n_layer)
     _add_vocab(writer, n_vocab)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     for name, data in tensors.items():
         qtype = gguf.GGMLQuantizationType[token_embd_type if name == "token_embd.weight" else "F32"]
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
