@@ -552,7 +552,7 @@ def run_serve(args: argparse.Namespace) -> int:
         llm = load_model(args, status)
         try:
             alias = args.alias or os.path.basename(llm.model_path).removesuffix(".gguf")
-            served = server.ServedModel(llm, alias, beta=llm.beta, moi_top_k=llm.moi_top_k, parallel=args.parallel)
+            served = server.ServedModel(llm, alias)
             host, port = sock.getsockname()[:2]
             print(f"serving '{alias}' at http://{host if ':' not in host else f'[{host}]'}:{port}/v1 (Ctrl-C stops)", flush=True)
             server.run(server.create_app(served, args.api_key), sock, quiet=args.quiet)

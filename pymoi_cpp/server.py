@@ -91,17 +91,15 @@ class ChatCompletionRequest(CreateChatCompletionRequest, MoiFields):
 
 
 class ServedModel:
-    """The model this server generates with, its name, its defaults, and the gate that serializes generations.
+    """The model this server generates with (its beta and moi_top_k are the defaults), its name, and the gate
+    that serializes generations.
 
     Callable with a model name like llama-cpp-python's LlamaProxy, so that its routes use it too.
     """
 
-    def __init__(self, llm: Llama, alias: str, *, beta: Optional[float], moi_top_k: int, parallel: int) -> None:
+    def __init__(self, llm: Llama, alias: str) -> None:
         self.llm = llm
         self.alias = alias
-        self.beta = beta
-        self.moi_top_k = moi_top_k
-        self.parallel = parallel
         # One generation at a time, in arrival order; a stream holds it until it ends.
         self.gate = anyio.Semaphore(1)
         # Set to end the non-streamed generation in progress (a stream ends when its response is cancelled).
@@ -120,8 +118,8 @@ class ServedModel:
 
     def moi_arguments(self, body: MoiFields) -> dict[str, Any]:
         """The request's beta and moi_top_k, the server's where the request gives none."""
-        beta = body.beta if "beta" in body.model_fields_set else self.beta
-        top_k = self.moi_top_k if body.moi_top_k is None else body.moi_top_k
+        beta = body.beta if "beta" in body.model_fields_set else self.llm.beta
+        top_k = self.llm.moi_top_k if body.moi_top_k is None else body.moi_top_k
         with client_errors("beta"):
             beta = validate_beta(beta)
         with client_errors("moi_top_k"):
@@ -134,10 +132,11 @@ class ServedModel:
         n = 1 if body.n is None else body.n
         if n < 1:
             raise RequestError(400, f"n must be at least 1; got {n}", param="n")
-        if n > self.parallel:
+        parallel = self.llm.n_seq_max
+        if n > parallel:
             raise RequestError(
-                400, f"n={n} is more choices than this server decodes together (--parallel {self.parallel}); "
-                f"ask for n <= {self.parallel} or restart it with --parallel {n}", param="n",
+                400, f"n={n} is more choices than this server decodes together (--parallel {parallel}); "
+                f"ask for n <= {parallel} or restart it with --parallel {n}", param="n",
             )
         if n > 1:
             kwargs["n"] = n
