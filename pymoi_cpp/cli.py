@@ -1,4 +1,4 @@
-"""The `pymoi` command line: chat, generate, demo, bench, serve, eval, setup and cleanup."""
+"""The `pymoi` command line: chat, generate, demo, bench, serve, eval, build-llama-tools, setup and cleanup."""
 
 from __future__ import annotations
 
@@ -207,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n-gpu-layers", metavar="N", type=int, default=None, help="layers to offload to the GPU (default: all with a GPU backend)")
     evaluate.add_argument("--threads", metavar="N", type=positive_int, default=None, help=f"CPU threads (default {default_threads()})")
     evaluate.add_argument("--quiet", action="store_true", help="no load line and no progress bar")
+    tools = commands.add_parser(
+        "build-llama-tools", help="build llama.cpp's llama-server and llama-cli with --moi-beta",
+        description="Downloads the llama.cpp source that llama-cpp-python 0.3.36 vendors (through pip), applies pymoi-cpp's "
+        "patches (checked first: nothing is touched when they do not apply), builds llama-server and llama-cli with CMake "
+        "and prints where they are. CMAKE_ARGS is passed to CMake as for llama-cpp-python, e.g. "
+        "CMAKE_ARGS='-DGGML_CUDA=on'. Needs bash, git, CMake and a C++ compiler.",
+    )
+    tools.add_argument("--out", metavar="DIR", default="llama-tools", help="where the source, build and binaries go (default ./llama-tools)")
+    tools.add_argument("--jobs", metavar="N", type=positive_int, default=None, help="parallel compile jobs (default: one per CPU)")
     commands.add_parser(
         "setup", help="enable MIXINPUTS_BETA / PYMOI_BETA for every Python process of this environment",
         description="Installs a start-up hook in this environment's site-packages: from then on, when MIXINPUTS_BETA "
@@ -581,9 +590,19 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "bench": run_bench,
     "serve": run_serve,
     "eval": run_eval,
+    "build-llama-tools": run_build_llama_tools,
     "setup": run_setup,
     "cleanup": run_cleanup,
 }
+
+
+def run_build_llama_tools(args: argparse.Namespace) -> int:
+    from .llama_tools import build_llama_tools
+
+    try:
+        return build_llama_tools(args.out, args.jobs)
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's llama-server and llama-cli with Mixture of Inputs (--moi-beta).
+#
+# Gets the llama.cpp source that llama-cpp-python 0.3.36 vendors from its source
+# distribution (through pip), checks that the patches next to this script apply,
+# applies them and builds with CMake. CMAKE_ARGS is passed on to CMake, as for
+# llama-cpp-python (CMAKE_ARGS="-DGGML_CUDA=on", "-DGGML_METAL=on", ...).
+#
+#   patches/build-llama-tools.sh [--out DIR] [--jobs N]
+#
+# Needs bash, git, CMake >= 3.21, a C++17 compiler and Python with pip.
+set -euo pipefail
+
+LLAMA_CPP_PYTHON_VERSION=0.3.36
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+native_dir="$(cd "$here/../native" 2>/dev/null && pwd || true)"
+out="llama-tools"
+jobs=""
+python="${PYTHON:-python3}"
+
+fail() {
+    echo "build-llama-tools: $*" >&2
+    exit 1
+}
+
+usage() {
+    echo "usage: $0 [--out DIR] [--jobs N]" >&2
+    exit 2
+}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --out) [ $# -ge 2 ] || usage; out="$2"; shift 2 ;;
+        --jobs) [ $# -ge 2 ] || usage; jobs="$2"; shift 2 ;;
+        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "build-llama-tools: unknown argument '$1'" >&2; usage ;;
+    esac
+done
+case "$jobs" in
+    "") jobs="$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)" ;;
+    *[!0-9]*|0) fail "--jobs takes a positive number, got '$jobs'" ;;
+esac
+
+shopt -s nullglob
+patches=("$here"/[0-9][0-9][0-9][0-9]-*.patch)
+[ ${#patches[@]} -gt 0 ] || fail "no patches found in $here"
+[ -f "$native_dir/mixture_input.cpp" ] || fail "pymoi-cpp's native/ sources are not next to $here (expected $here/../native)"
+
+for tool in git cmake; do
+    command -v "$tool" >/dev/null || fail "'$tool' is not installed: install it (Debian/Ubuntu: apt install $tool; or pip install $tool) and run again"
+done
+command -v "$python" >/dev/null || fail "'$python' is not installed: set PYTHON to a Python with pip"
+"$python" -m pip --version >/dev/null 2>&1 || fail "'$python -m pip' does not work: install pip for $python"
+cxx="${CXX:-c++}"
+command -v "$cxx" >/dev/null || fail "no C++ compiler ('$cxx'): install g++ or clang, or set CXX"
+
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+download="$out/download"
+source_dir="$out/llama.cpp"
+build_dir="$out/build"
+
+sdist="$download/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
+if [ ! -f "$sdist" ]; then
+    echo "== downloading the llama-cpp-python $LLAMA_CPP_PYTHON_VERSION source distribution"
+    "$python" -m pip download --quiet --no-deps --no-binary :all: \
+        "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$download" \
+        || fail "pip could not download llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION (is PyPI reachable?)"
+    [ -f "$sdist" ] || fail "pip did not leave $sdist"
+fi
+
+echo "== extracting llama.cpp into $source_dir"
+staging="$out/.extract"
+rm -rf "$staging"
+mkdir -p "$staging"
+tar -xzf "$sdist" -C "$staging" "llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" \
+    || fail "$sdist does not hold vendor/llama.cpp"
+# the vendored tree carries a .git file naming the parent repository's submodule
+rm -f "$staging/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp/.git"
+
+# git must not look for a repository above the source tree: inside one, git apply
+# would take the patch paths relative to that repository
+export GIT_CEILING_DIRECTORIES="$staging/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor"
+echo "== checking that the patches apply"
+(cd "$staging/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" && git apply --check "${patches[@]}") \
+    || fail "the patches do not apply to llama.cpp from llama-cpp-python $LLAMA_CPP_PYTHON_VERSION; nothing was changed (see patches/README.md on rebasing)"
+(cd "$staging/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" && git apply "${patches[@]}")
+rm -rf "$source_dir"
+mv "$staging/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" "$source_dir"
+rm -rf "$staging"
+for patch in "${patches[@]}"; do
+    echo "   applied $(basename "$patch")"
+done
+
+echo "== configuring (CMAKE_ARGS: ${CMAKE_ARGS:-none})"
+# CMAKE_ARGS is split on spaces, as llama-cpp-python does; later -D options win
+# shellcheck disable=SC2086
+cmake -S "$source_dir" -B "$build_dir" \
+    -DCMAKE_BUILD_TYPE=Release \
+    -DBUILD_SHARED_LIBS=OFF \
+    -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_USE_PREBUILT_UI=OFF \
+    -DLLAMA_OPENSSL=OFF \
+    -DPYMOI_NATIVE_DIR="$native_dir" \
+    ${CMAKE_ARGS:-} >"$out/configure.log" 2>&1 \
+    || { tail -n 30 "$out/configure.log" >&2; fail "CMake could not configure llama.cpp (full log: $out/configure.log)"; }
+
+echo "== building llama-server and llama-cli with $jobs jobs (log: $out/build.log)"
+cmake --build "$build_dir" --config Release -j "$jobs" --target llama-server llama-cli >"$out/build.log" 2>&1 \
+    || { tail -n 30 "$out/build.log" >&2; fail "the build failed (full log: $out/build.log)"; }
+
+for tool in llama-server llama-cli; do
+    binary="$(find "$build_dir/bin" -maxdepth 2 -type f \( -name "$tool" -o -name "$tool.exe" \) | head -n 1)"
+    [ -n "$binary" ] || fail "the build did not produce $tool"
+    echo "$tool: $binary"
+done
