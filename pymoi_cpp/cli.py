@@ -583,6 +583,15 @@ def run_chat(args: argparse.Namespace) -> int:
         llm.close()
 
 
+def run_build_llama_tools(args: argparse.Namespace) -> int:
+    from .llama_tools import build_llama_tools
+
+    try:
+        return build_llama_tools(args.out, args.jobs)
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "chat": run_chat,
     "generate": run_generate,
@@ -594,15 +603,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "setup": run_setup,
     "cleanup": run_cleanup,
 }
-
-
-def run_build_llama_tools(args: argparse.Namespace) -> int:
-    from .llama_tools import build_llama_tools
-
-    try:
-        return build_llama_tools(args.out, args.jobs)
-    except FileNotFoundError as error:
-        raise CommandError(str(error)) from None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
