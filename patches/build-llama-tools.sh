@@ -72,6 +72,7 @@ fi
 echo "== extracting llama.cpp into $source_dir"
 staging="$out/.extract"
 rm -rf "$staging"
+trap 'rm -rf "$staging"' EXIT
 mkdir -p "$staging"
 tar -xzf "$sdist" -C "$staging" "llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" \
     || fail "$sdist does not hold vendor/llama.cpp"
@@ -87,7 +88,6 @@ echo "== checking that the patches apply"
 (cd "$staging/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" && git apply "${patches[@]}")
 rm -rf "$source_dir"
 mv "$staging/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" "$source_dir"
-rm -rf "$staging"
 for patch in "${patches[@]}"; do
     echo "   applied $(basename "$patch")"
 done

@@ -26,6 +26,7 @@ examples:
   pymoi chat model.gguf --beta 2          another model, a stronger sample
   pymoi generate -p "Once upon a time"    one completion to stdout
   pymoi serve --port 8000                 OpenAI-compatible server, MoI per request
+  pymoi build-llama-tools                 llama.cpp's llama-server and llama-cli with --moi-beta
   pymoi eval countdown --problems 64      does MoI help on this model? (generated tasks)
   echo "2+2=" | pymoi generate --json     prompt from stdin, JSON result
   pymoi setup                             MoI for every llama_cpp.Llama when MIXINPUTS_BETA is set

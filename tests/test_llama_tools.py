@@ -22,6 +22,8 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 PYMOI = pathlib.Path(sys.executable).with_name("pymoi")
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PATCHES = sorted((REPO / "patches").glob("[0-9][0-9][0-9][0-9]-*.patch"))
