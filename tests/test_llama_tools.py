@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import pytest
 
