@@ -305,3 +305,18 @@ def test_llama_cli_in_a_terminal(
         cli.expect(pexpect.EOF)
     finally:
         cli.close(force=True)
+
+
+def test_positions_fed_a_mixture_are_not_reused_as_tokens(moi_server: Server, prompt_tokens: list[int]) -> None:
+    def cached_follow_up(**moi: Any) -> int:
+        """Prompt tokens a follow-up (prompt + reply) finds in the slot's cache after a first request."""
+        first = {"n_predict": 16, "temperature": 0.0, "return_tokens": True, "cache_prompt": True, "id_slot": 0}
+        status, reply = moi_server.post("/completion", {**first, "prompt": prompt_tokens, **moi})
+        assert status == 200, reply
+        status, follow_up = moi_server.post("/completion", {**first, "prompt": prompt_tokens + reply["tokens"]})
+        assert status == 200, follow_up
+        return follow_up["timings"]["cache_n"]
+
+    # ordinary decoding leaves the reply in the cache; MoI leaves only the prompt
+    assert cached_follow_up() > len(prompt_tokens)
+    assert cached_follow_up(moi_beta=1) <= len(prompt_tokens)
