@@ -115,3 +115,4 @@ for tool in llama-server llama-cli; do
     [ -n "$binary" ] || fail "the build did not produce $tool"
     echo "$tool: $binary"
 done
+echo "try: $(dirname "$binary")/llama-server -m model.gguf --moi-beta 1   (per request: \"moi_beta\": 1)"
