@@ -73,21 +73,22 @@ echo "== extracting llama.cpp into $source_dir"
 staging="$out/.extract"
 rm -rf "$staging"
 trap 'rm -rf "$staging"' EXIT
+extracted="$staging/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp"
 mkdir -p "$staging"
 tar -xzf "$sdist" -C "$staging" "llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" \
     || fail "$sdist does not hold vendor/llama.cpp"
 # the vendored tree carries a .git file naming the parent repository's submodule
-rm -f "$staging/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp/.git"
+rm -f "$extracted/.git"
 
 # git must not look for a repository above the source tree: inside one, git apply
 # would take the patch paths relative to that repository
-export GIT_CEILING_DIRECTORIES="$staging/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor"
+export GIT_CEILING_DIRECTORIES="$(dirname "$extracted")"
 echo "== checking that the patches apply"
-(cd "$staging/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" && git apply --check "${patches[@]}") \
+(cd "$extracted" && git apply --check "${patches[@]}") \
     || fail "the patches do not apply to llama.cpp from llama-cpp-python $LLAMA_CPP_PYTHON_VERSION; nothing was changed (see patches/README.md on rebasing)"
-(cd "$staging/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" && git apply "${patches[@]}")
+(cd "$extracted" && git apply "${patches[@]}")
 rm -rf "$source_dir"
-mv "$staging/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" "$source_dir"
+mv "$extracted" "$source_dir"
 for patch in "${patches[@]}"; do
     echo "   applied $(basename "$patch")"
 done

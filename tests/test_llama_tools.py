@@ -94,32 +94,33 @@ class Server:
         self.log.seek(0)
         return self.log.read()
 
-    def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        request = urllib.request.Request(
+    def request(self, path: str, body: dict[str, Any]) -> urllib.request.Request:
+        return urllib.request.Request(
             self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
         )
+
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         try:
-            with urllib.request.urlopen(request, timeout=300) as response:
+            with urllib.request.urlopen(self.request(path, body), timeout=300) as response:
                 return response.status, json.load(response)
         except urllib.error.HTTPError as error:
             return error.code, json.load(error)
 
+    @staticmethod
+    def greedy(prompt: Any, fields: dict[str, Any]) -> dict[str, Any]:
+        """A /completion body: greedy, N_PREDICT tokens unless `fields` say otherwise, ids returned, no cache."""
+        return {"prompt": prompt, "n_predict": N_PREDICT, "temperature": 0.0, "return_tokens": True,
+                "cache_prompt": False, "ignore_eos": True, **fields}
+
     def complete(self, prompt: Any, **fields: Any) -> list[int]:
         """Greedy generated token ids for `prompt` (text or token ids)."""
-        body = {"prompt": prompt, "n_predict": N_PREDICT, "temperature": 0.0, "return_tokens": True,
-                "cache_prompt": False, "ignore_eos": True, **fields}
-        status, reply = self.post("/completion", body)
+        status, reply = self.post("/completion", self.greedy(prompt, fields))
         assert status == 200, reply
         return reply["tokens"]
 
     def stream(self, prompt: Any, **fields: Any) -> Iterator[list[int]]:
         """The token ids of each streamed event of a greedy /completion."""
-        body = {"prompt": prompt, "n_predict": N_PREDICT, "temperature": 0.0, "return_tokens": True,
-                "cache_prompt": False, "ignore_eos": True, "stream": True, **fields}
-        request = urllib.request.Request(
-            self.url + "/completion", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=300) as response:
+        with urllib.request.urlopen(self.request("/completion", self.greedy(prompt, {"stream": True, **fields})), timeout=300) as response:
             for line in response:
                 if line.startswith(b"data: "):
                     yield json.loads(line[6:])["tokens"]
