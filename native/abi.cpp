@@ -92,16 +92,13 @@ pymoi_status pymoi_mixture_weights(const float * logits, int32_t n_vocab, int32_
     });
 }
 
-pymoi_status pymoi_architecture_check(const char * architecture, int32_t n_embd, float * out_token_only_scale) {
-    return guarded([&] {
-        if (architecture == nullptr || out_token_only_scale == nullptr) {
-            return fail(PYMOI_ERR_INVALID_ARGUMENT, "architecture and out_token_only_scale must not be null");
-        }
-        const pymoi::TokenInputPolicy policy = pymoi::token_input_policy(architecture, n_embd);
-        if (!policy.supported) return fail(PYMOI_ERR_UNSUPPORTED, policy.reason);
-        *out_token_only_scale = policy.token_only_scale;
-        return PYMOI_OK;
-    });
+bool pymoi_denied_architecture(int32_t i, const char ** out_architecture, const char ** out_reason) {
+    size_t                            count   = 0;
+    const pymoi::DeniedArchitecture * entries = pymoi::denied_architectures(&count);
+    if (i < 0 || static_cast<size_t>(i) >= count || out_architecture == nullptr || out_reason == nullptr) return false;
+    *out_architecture = entries[i].architecture;
+    *out_reason       = entries[i].reason;
+    return true;
 }
 
 pymoi_status pymoi_embedding_rows_open(const char * gguf_path, pymoi_embedding_rows ** out_rows) {
@@ -160,6 +157,20 @@ pymoi_status pymoi_session_open(llama_model * model, llama_context * ctx, const 
 
 void pymoi_session_free(pymoi_session * session) {
     delete session;
+}
+
+pymoi_status pymoi_session_info_get(const pymoi_session * session, pymoi_session_info * out_info) {
+    if (session == nullptr || out_info == nullptr) {
+        return fail(PYMOI_ERR_INVALID_ARGUMENT, "session and out_info must not be null");
+    }
+    const pymoi::ProbeVerdict & verdict = session->input->verdict();
+    out_info->n_embd                    = session->input->n_embd();
+    out_info->n_pos_per_row             = session->input->n_pos_per_row();
+    out_info->input_scale               = verdict.input_scale;
+    out_info->probe_exact               = verdict.exact;
+    out_info->probe_cached              = verdict.cached;
+    out_info->probe_seconds             = verdict.seconds;
+    return PYMOI_OK;
 }
 
 pymoi_status pymoi_session_begin(pymoi_session * session, float beta, int32_t top_k) {

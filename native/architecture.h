@@ -1,20 +1,21 @@
-// How each model architecture treats its token input, as far as MoI cares.
+// Architectures whose graph aborts on embedding input, so that the input probe
+// (input_probe.h) cannot even run on them.
 #pragma once
 
+#include <cstddef>
 #include <string>
 
 namespace pymoi {
 
-struct TokenInputPolicy {
-    bool  supported = true;
-    // Factor the graph applies to token-path embeddings only (not to
-    // embedding input), which a mixed input must therefore carry itself.
-    float token_only_scale = 1.0f;
-    // Why a mixed input cannot stand in for the tokens, when !supported.
-    std::string reason;
+struct DeniedArchitecture {
+    const char * architecture;  // GGUF general.architecture
+    const char * reason;
 };
 
-// `n_embd` is the model's input width.
-TokenInputPolicy token_input_policy(const std::string & architecture, int n_embd);
+// The deny list: `count` entries.
+const DeniedArchitecture * denied_architectures(size_t * count);
+
+// Why `architecture` is on the deny list, or nullptr.
+const char * denial_reason(const std::string & architecture);
 
 }  // namespace pymoi

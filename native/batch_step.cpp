@@ -1,7 +1,6 @@
 #include "batch_step.h"
 
 #include <algorithm>
-#include <cstring>
 
 #include "pymoi.h"
 
@@ -29,8 +28,7 @@ BatchStep::BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq, i
     betas_(static_cast<size_t>(n_seq), 1.0f),
     n_past_(static_cast<size_t>(n_seq), 0),
     logits_row_(static_cast<size_t>(n_seq), -1),
-    batch_(llama_batch_init(n_seq, input.n_embd(), 1)),
-    pending_seq_(static_cast<size_t>(n_seq), -1),
+    rows_(n_seq, input.n_embd(), input.n_pos_per_row()),
     live_(static_cast<size_t>(n_seq), -1),
     live_logits_(static_cast<size_t>(n_seq), nullptr),
     live_tokens_(static_cast<size_t>(n_seq), -1),
@@ -38,13 +36,7 @@ BatchStep::BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq, i
     scratch_(static_cast<size_t>(n_workers)),
     candidates_(static_cast<size_t>(n_workers), std::vector<llama_token_data>(static_cast<size_t>(input.n_vocab()))),
     status_(static_cast<size_t>(n_workers), 0),
-    errors_(static_cast<size_t>(n_workers)) {
-    batch_.n_tokens = 0;
-}
-
-BatchStep::~BatchStep() {
-    llama_batch_free(batch_);
-}
+    errors_(static_cast<size_t>(n_workers)) {}
 
 int BatchStep::begin(llama_sampler * const * samplers, const float * betas, int32_t top_k, std::string * error) {
     for (int32_t i = 0; i < n_seq_; ++i) {
@@ -59,8 +51,8 @@ int BatchStep::begin(llama_sampler * const * samplers, const float * betas, int3
     }
     std::copy(samplers, samplers + n_seq_, samplers_.begin());
     std::copy(betas, betas + n_seq_, betas_.begin());
-    top_k_          = top_k;
-    batch_.n_tokens = 0;
+    top_k_ = top_k;
+    rows_.clear();
     std::fill(logits_row_.begin(), logits_row_.end(), -1);
     return PYMOI_OK;
 }
@@ -79,7 +71,7 @@ int BatchStep::prefill(const llama_token * tokens, const int32_t * lengths, std:
     for (int32_t i = 0; i < n_seq_; ++i) {
         llama_memory_seq_rm(memory, i, -1, -1);
     }
-    batch_.n_tokens = 0;
+    rows_.clear();
 
     // Every token but the last of each prompt, without logits, in n_batch chunks;
     // then the last tokens together, so that all n_seq logits rows are live at once.
@@ -128,20 +120,20 @@ int BatchStep::prefill(const llama_token * tokens, const int32_t * lengths, std:
 }
 
 int BatchStep::decode_pending(std::string * error) {
-    if (batch_.n_tokens == 0) return PYMOI_OK;
-    const int32_t ret = llama_decode(ctx_, batch_);
+    if (rows_.size() == 0) return PYMOI_OK;
+    const int32_t ret = llama_decode(ctx_, rows_.view());
     if (ret != 0) {
         *error = ret == 1 ? "the KV cache is full (" + std::to_string(llama_n_ctx_seq(ctx_)) +
                                 " tokens per sequence): create the model with a larger n_ctx or generate fewer tokens"
                           : "llama_decode failed with status " + std::to_string(ret);
         return ret == 1 ? PYMOI_ERR_CONTEXT_FULL : PYMOI_ERR_DECODE;
     }
-    for (int32_t r = 0; r < batch_.n_tokens; ++r) {
-        const int32_t seq                      = pending_seq_[static_cast<size_t>(r)];
+    for (int32_t r = 0; r < rows_.size(); ++r) {
+        const int32_t seq                      = rows_.seq(r);
         logits_row_[static_cast<size_t>(seq)]  = r;
         n_past_[static_cast<size_t>(seq)]     += 1;
     }
-    batch_.n_tokens = 0;
+    rows_.clear();
     return PYMOI_OK;
 }
 
@@ -157,11 +149,13 @@ int BatchStep::step(llama_token * tokens, std::string * error) {
         if (static_cast<uint32_t>(n_past_[static_cast<size_t>(seq)]) >= n_ctx) {
             *error = "sequence " + std::to_string(seq) + " filled its context window (" + std::to_string(n_ctx) +
                      " tokens): create the model with a larger n_ctx or generate fewer tokens";
+            rows_.clear();
             return PYMOI_ERR_CONTEXT_FULL;
         }
         // Read here, on one thread: llama_get_logits_ith synchronises the context.
         live_logits_[static_cast<size_t>(n_live_)] = llama_get_logits_ith(ctx_, row);
         live_[static_cast<size_t>(n_live_)]        = seq;
+        rows_.add(n_past_[static_cast<size_t>(seq)], seq);  // row n_live_, filled by sample()
         ++n_live_;
     }
     n_sharing_ = n_live_ > 1 ? pool_.size() : 1;
@@ -173,20 +167,14 @@ int BatchStep::step(llama_token * tokens, std::string * error) {
     }
     for (size_t w = 0; w < status_.size(); ++w) {
         if (status_[w] != PYMOI_OK) {
+            rows_.clear();
             *error = errors_[w];
             return status_[w];
         }
     }
     for (int32_t j = 0; j < n_live_; ++j) {
-        const int32_t seq                    = live_[static_cast<size_t>(j)];
-        batch_.pos[j]                        = n_past_[static_cast<size_t>(seq)];
-        batch_.n_seq_id[j]                   = 1;
-        batch_.seq_id[j][0]                  = seq;
-        batch_.logits[j]                     = 1;
-        pending_seq_[static_cast<size_t>(j)] = seq;
-        tokens[seq]                          = live_tokens_[static_cast<size_t>(j)];
+        tokens[live_[static_cast<size_t>(j)]] = live_tokens_[static_cast<size_t>(j)];
     }
-    batch_.n_tokens = n_live_;
     return PYMOI_OK;
 }
 
@@ -231,8 +219,7 @@ void BatchStep::sample(int32_t j, int worker) {
     const llama_token sampled = candidates.data[candidates.selected].id;
     llama_sampler_accept(sampler, sampled);
     live_tokens_[static_cast<size_t>(j)] = sampled;
-    status_[w] = input_.build(logits, sampled, betas_[static_cast<size_t>(seq)], top_k_, scratch,
-                              batch_.embd + static_cast<size_t>(j) * static_cast<size_t>(input_.n_embd()), &errors_[w]);
+    status_[w] = input_.build(logits, sampled, betas_[static_cast<size_t>(seq)], top_k_, scratch, rows_.row(j), &errors_[w]);
 }
 
 int BatchStep::finish(int32_t seq, std::string * error) {
@@ -241,20 +228,7 @@ int BatchStep::finish(int32_t seq, std::string * error) {
         return PYMOI_ERR_INVALID_ARGUMENT;
     }
     logits_row_[static_cast<size_t>(seq)] = -1;
-    const int32_t n_embd                  = input_.n_embd();
-    int32_t       kept                    = 0;
-    for (int32_t r = 0; r < batch_.n_tokens; ++r) {
-        if (pending_seq_[static_cast<size_t>(r)] == seq) continue;
-        if (kept != r) {
-            std::memmove(batch_.embd + static_cast<size_t>(kept) * n_embd, batch_.embd + static_cast<size_t>(r) * n_embd,
-                         sizeof(float) * static_cast<size_t>(n_embd));
-            batch_.pos[kept]                        = batch_.pos[r];
-            batch_.seq_id[kept][0]                  = batch_.seq_id[r][0];
-            pending_seq_[static_cast<size_t>(kept)] = pending_seq_[static_cast<size_t>(r)];
-        }
-        ++kept;
-    }
-    batch_.n_tokens = kept;
+    rows_.remove_sequence(seq);
     llama_memory_seq_rm(llama_get_memory(ctx_), seq, -1, -1);
     return PYMOI_OK;
 }

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "embedding_batch.h"
 #include "llama.h"
 #include "mixture_input.h"
 #include "worker_pool.h"
@@ -19,7 +20,6 @@ class BatchStep {
     // with `status` / `error` set when the context cannot hold n_seq sequences.
     static std::unique_ptr<BatchStep> open(MixtureInput & input, llama_context * ctx, int32_t n_seq, int * status,
                                            std::string * error);
-    ~BatchStep();
     BatchStep(const BatchStep &)             = delete;
     BatchStep & operator=(const BatchStep &) = delete;
 
@@ -54,9 +54,8 @@ class BatchStep {
     std::vector<float>           betas_;
     std::vector<int32_t>         n_past_;
     std::vector<int32_t>         logits_row_;  // row of its logits in the last decode, or -1 when finished
-    // Mixed rows waiting for the next decode: row r belongs to sequence pending_seq_[r].
-    llama_batch          batch_;
-    std::vector<int32_t> pending_seq_;
+    // Mixed rows waiting for the next decode, one per live sequence.
+    EmbeddingBatch rows_;
 
     // One step's live sequences (row j of the next decode is live_[j]), their logits
     // and sampled tokens. Sampling runs on the pool: llama.cpp's sampler chains are

@@ -7,11 +7,7 @@ namespace pymoi {
 DecodeStep::DecodeStep(MixtureInput & input, llama_context * ctx) :
     input_(input),
     ctx_(ctx),
-    batch_(llama_batch_init(1, input.n_embd(), 1)) {}
-
-DecodeStep::~DecodeStep() {
-    llama_batch_free(batch_);
-}
+    rows_(1, input.n_embd(), input.n_pos_per_row()) {}
 
 int DecodeStep::begin(float beta, int32_t top_k, std::string * error) {
     const int status = input_.prepare(beta, top_k, scratch_, error);
@@ -30,12 +26,8 @@ int DecodeStep::flush(int32_t n_past, std::string * error) {
                  "): create the model with a larger n_ctx or generate fewer tokens";
         return PYMOI_ERR_CONTEXT_FULL;
     }
-    batch_.n_tokens     = 1;
-    batch_.pos[0]       = n_past;
-    batch_.n_seq_id[0]  = 1;
-    batch_.seq_id[0][0] = 0;
-    batch_.logits[0]    = 1;
-    const int32_t ret   = llama_decode(ctx_, batch_);
+    rows_.set_position(0, n_past);
+    const int32_t ret = llama_decode(ctx_, rows_.view());
     if (ret != 0) {
         *error = "llama_decode failed with status " + std::to_string(ret) + " at position " + std::to_string(n_past);
         return PYMOI_ERR_DECODE;
@@ -64,7 +56,8 @@ int DecodeStep::step(llama_sampler * sampler, int32_t n_past, llama_token * toke
         *error = "the sampler returned no valid token (" + std::to_string(sampled) + ")";
         return PYMOI_ERR_INTERNAL;
     }
-    status = input_.build(logits, sampled, beta_, top_k_, scratch_, batch_.embd, error);
+    rows_.clear();
+    status = input_.build(logits, sampled, beta_, top_k_, scratch_, rows_.add(n_past, 0), error);
     if (status != PYMOI_OK) return status;
     pending_ = true;
     *token   = sampled;

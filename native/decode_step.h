@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <string>
 
+#include "embedding_batch.h"
 #include "llama.h"
 #include "mixture_input.h"
 
@@ -14,7 +15,6 @@ class DecodeStep {
   public:
     // `input` and `ctx` are borrowed and must outlive the step.
     DecodeStep(MixtureInput & input, llama_context * ctx);
-    ~DecodeStep();
     DecodeStep(const DecodeStep &)             = delete;
     DecodeStep & operator=(const DecodeStep &) = delete;
 
@@ -35,7 +35,7 @@ class DecodeStep {
     bool    pending_ = false;
 
     // One embedding row, reused by every step: the hot path does not allocate.
-    llama_batch batch_;
+    EmbeddingBatch rows_;
 };
 
 }  // namespace pymoi

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "architecture.h"
+#include "embedding_batch.h"
 #include "mixer.h"
 #include "pymoi.h"
 
@@ -20,30 +21,42 @@ std::string model_architecture(const llama_model * model) {
 
 std::unique_ptr<MixtureInput> MixtureInput::open(const llama_model * model, const std::string & model_path,
                                                  int * status, std::string * error) {
-    const std::string      arch   = model_architecture(model);
-    const int32_t          n_embd = llama_model_n_embd_inp(model);
-    const TokenInputPolicy policy = token_input_policy(arch, n_embd);
-    if (!policy.supported) {
+    const std::string arch = model_architecture(model);
+    if (const char * reason = denial_reason(arch)) {
         *status = PYMOI_ERR_UNSUPPORTED;
-        *error  = policy.reason;
+        *error  = "architecture '" + arch + "' cannot take a mixture of inputs: " + reason;
+        return nullptr;
+    }
+    if (llama_model_has_encoder(model)) {
+        *status = PYMOI_ERR_UNSUPPORTED;
+        *error  = "architecture '" + arch + "' cannot take a mixture of inputs: it has an encoder, and MoI mixes decoder inputs only";
         return nullptr;
     }
     std::unique_ptr<EmbeddingRows> rows = EmbeddingRows::open(model_path, status, error);
     if (!rows) return nullptr;
 
-    const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
-    if (rows->n_embd() != n_embd || rows->n_vocab() < n_vocab) {
+    const int32_t n_vocab    = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    const int32_t n_embd_tok = llama_model_n_embd(model);
+    const int32_t n_embd_inp = llama_model_n_embd_inp(model);
+    if (rows->n_embd() != n_embd_tok || rows->n_vocab() < n_vocab || n_embd_inp < n_embd_tok) {
         *status = PYMOI_ERR_UNSUPPORTED;
-        *error  = "architecture '" + arch + "' takes " + std::to_string(n_embd) +
-                 "-wide input rows but its token embeddings are " + std::to_string(rows->n_vocab()) + " x " +
-                 std::to_string(rows->n_embd()) + " for a vocabulary of " + std::to_string(n_vocab);
+        *error  = "architecture '" + arch + "' has " + std::to_string(n_embd_tok) + "-wide token rows (" +
+                 std::to_string(n_embd_inp) + "-wide input) but its token embeddings are " +
+                 std::to_string(rows->n_vocab()) + " x " + std::to_string(rows->n_embd()) + " for a vocabulary of " +
+                 std::to_string(n_vocab);
         return nullptr;
     }
     std::unique_ptr<MixtureInput> input(new MixtureInput());
-    input->rows_             = std::move(rows);
-    input->token_only_scale_ = policy.token_only_scale;
-    input->n_vocab_          = n_vocab;
-    input->n_embd_           = n_embd;
+    input->rows_          = std::move(rows);
+    input->n_vocab_       = n_vocab;
+    input->n_embd_        = n_embd_inp;
+    input->n_pos_per_row_ = positions_per_row(model);
+    input->verdict_       = probe_input(model, model_path, *input);
+    if (!input->verdict_.supported) {
+        *status = PYMOI_ERR_UNSUPPORTED;
+        *error  = "architecture '" + arch + "' cannot take a mixture of inputs: " + input->verdict_.reason;
+        return nullptr;
+    }
     return input;
 }
 
@@ -62,7 +75,7 @@ int MixtureInput::prepare(float beta, int32_t top_k, MixtureScratch & scratch, s
         scratch.ids.resize(capacity);
         scratch.weights.resize(capacity);
     }
-    scratch.row.resize(static_cast<size_t>(n_embd_));
+    scratch.row.resize(static_cast<size_t>(rows_->n_embd()));
     return PYMOI_OK;
 }
 
@@ -74,22 +87,34 @@ int MixtureInput::build(const float * logits, llama_token sampled, float beta, i
                         float * out, std::string * error) const {
     const int32_t n = mixture_weights(logits, top_k, sampled, beta, scratch.ids.data(), scratch.weights.data(), error);
     if (n < 0) return PYMOI_ERR_INVALID_ARGUMENT;
+    mix(scratch.ids.data(), scratch.weights.data(), n, verdict_.input_scale, scratch, out);
+    return PYMOI_OK;
+}
+
+void MixtureInput::token_row(llama_token token, float scale, MixtureScratch & scratch, float * out) const {
+    const float one = 1.0f;
+    scratch.row.resize(static_cast<size_t>(rows_->n_embd()));
+    mix(&token, &one, 1, scale, scratch, out);
+}
+
+void MixtureInput::mix(const int32_t * ids, const float * weights, int32_t n, float scale, MixtureScratch & scratch,
+                       float * out) const {
+    const int32_t n_row = static_cast<int32_t>(rows_->n_embd());
     std::fill(out, out + n_embd_, 0.0f);
     for (int32_t i = 0; i < n; ++i) {
-        const float w = scratch.weights[static_cast<size_t>(i)];
+        const float w = weights[i];
         if (w == 0.0f) continue;
-        rows_->dequantise(scratch.ids[static_cast<size_t>(i)], scratch.row.data());
-        for (int32_t j = 0; j < n_embd_; ++j) {
+        rows_->dequantise(ids[i], scratch.row.data());
+        for (int32_t j = 0; j < n_row; ++j) {
             out[j] += w * scratch.row[static_cast<size_t>(j)];
         }
     }
     rows_->release_pages();
-    if (token_only_scale_ != 1.0f) {
-        for (int32_t j = 0; j < n_embd_; ++j) {
-            out[j] *= token_only_scale_;
+    if (scale != 1.0f) {
+        for (int32_t j = 0; j < n_row; ++j) {
+            out[j] *= scale;
         }
     }
-    return PYMOI_OK;
 }
 
 }  // namespace pymoi

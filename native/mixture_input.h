@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "embedding_rows.h"
+#include "input_probe.h"
 #include "llama.h"
 
 namespace pymoi {
@@ -21,12 +22,19 @@ struct MixtureScratch {
 
 class MixtureInput {
   public:
-    // Returns nullptr with `status` / `error` set when the model cannot take a mixture.
+    // Opens the token-embedding rows of `model` (loaded from `model_path`) and
+    // runs the input probe. Returns nullptr with `status` / `error` set when the
+    // model cannot take a mixture: an architecture on the deny list, an
+    // encoder-decoder model, or a probe that found different logits.
     static std::unique_ptr<MixtureInput> open(const llama_model * model, const std::string & model_path, int * status,
                                               std::string * error);
 
     int32_t n_vocab() const { return n_vocab_; }
+    // Width of an input row (llama_model_n_embd_inp): token rows are zero-padded to it.
     int32_t n_embd() const { return n_embd_; }
+    // Positions llama.cpp reads for each input row (4 on M-RoPE models).
+    int32_t n_pos_per_row() const { return n_pos_per_row_; }
+    const ProbeVerdict & verdict() const { return verdict_; }
 
     // Checks beta and top_k and sizes `scratch` for top_k (so select() and build()
     // do not allocate). Returns a pymoi_status; `error` is set on failure.
@@ -42,13 +50,22 @@ class MixtureInput {
     int build(const float * logits, llama_token sampled, float beta, int32_t top_k, MixtureScratch & scratch,
               float * out, std::string * error) const;
 
+    // Writes the row of `token` alone, times `scale`, through the same path as
+    // build(): what the input probe compares with the token path.
+    void token_row(llama_token token, float scale, MixtureScratch & scratch, float * out) const;
+
   private:
     MixtureInput() = default;
 
+    // out = scale * sum_i weights[i] * row(ids[i]), zero-padded to n_embd.
+    void mix(const int32_t * ids, const float * weights, int32_t n, float scale, MixtureScratch & scratch,
+             float * out) const;
+
     std::unique_ptr<EmbeddingRows> rows_;
-    float                          token_only_scale_ = 1.0f;
-    int32_t                        n_vocab_          = 0;
-    int32_t                        n_embd_           = 0;
+    ProbeVerdict                   verdict_;
+    int32_t                        n_vocab_       = 0;
+    int32_t                        n_embd_        = 0;
+    int32_t                        n_pos_per_row_ = 1;
 };
 
 }  // namespace pymoi

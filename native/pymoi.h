@@ -62,11 +62,11 @@ PYMOI_API pymoi_status pymoi_mixture_weights(
         const float * logits, int32_t n_vocab, int32_t token, float beta, int32_t top_k,
         int32_t * out_ids, float * out_weights, int32_t * out_n);
 
-// Whether a model of `architecture` (GGUF general.architecture) with input
-// width n_embd can take a mixture of inputs. On success writes the factor the
-// graph applies to token embeddings only, which a mixture must carry itself;
-// fails with PYMOI_ERR_UNSUPPORTED, naming the architecture, otherwise.
-PYMOI_API pymoi_status pymoi_architecture_check(const char * architecture, int32_t n_embd, float * out_token_only_scale);
+// Entry i of the deny list: architectures (GGUF general.architecture) whose
+// graph aborts on embedding input, so that the input probe cannot run on them.
+// Writes static strings and returns true for 0 <= i < the list's length;
+// returns false past its end.
+PYMOI_API bool pymoi_denied_architecture(int32_t i, const char ** out_architecture, const char ** out_reason);
 
 // Rows of a model's token-embedding matrix, read from the memory-mapped GGUF
 // file (or the split that holds it) and dequantised one row at a time.
@@ -88,12 +88,29 @@ PYMOI_API pymoi_status pymoi_embedding_rows_dequantise(const pymoi_embedding_row
 typedef struct pymoi_session pymoi_session;
 
 // Opens a session for `model` / `ctx`, whose weights were loaded from
-// `model_path`. Fails with PYMOI_ERR_UNSUPPORTED, naming the architecture, for
-// models whose graph reads the input token ids beyond the embedding lookup.
+// `model_path`, after the input probe: a few tokens are decoded once as token
+// ids and once as pymoi's embedding rows, in a context of the probe's own (ctx
+// is not touched), and the logits compared (bitwise on the CPU, within a small
+// tolerance when a GPU or RPC backend may run the graph). Fails with
+// PYMOI_ERR_UNSUPPORTED, naming the architecture and what differed, when they
+// differ for every input scale tried, for architectures on the deny list and
+// for encoder-decoder models. The verdict is kept per model file for the life
+// of the process.
 PYMOI_API pymoi_status pymoi_session_open(
         struct llama_model * model, struct llama_context * ctx, const char * model_path,
         pymoi_session ** out_session);
 PYMOI_API void pymoi_session_free(pymoi_session * session);
+
+typedef struct pymoi_session_info {
+    int32_t n_embd;          // floats per input row (llama_model_n_embd_inp; token rows zero-padded to it)
+    int32_t n_pos_per_row;   // positions llama.cpp reads per input row (4 on M-RoPE models)
+    float   input_scale;     // factor the rows carry: 1, or sqrt(n_embd) where the graph scales token input only
+    bool    probe_exact;     // the probe required bitwise-equal logits
+    bool    probe_cached;    // the verdict came from an earlier probe of the same file
+    double  probe_seconds;   // time the probe took when it ran
+} pymoi_session_info;
+
+PYMOI_API pymoi_status pymoi_session_info_get(const pymoi_session * session, pymoi_session_info * out_info);
 
 // Starts a generation: forgets any mixture not yet decoded and sets the mixing
 // parameters. The caller has just decoded the prompt as tokens, so the context

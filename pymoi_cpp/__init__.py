@@ -16,8 +16,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._native import PymoiError
     from .embedding_rows import EmbeddingRows
-    from .llama import UNSET, Llama, MoiSettings, MoiUnsupportedError
-    from .mixing import DIRECT_MIXTURE_BETA, check_architecture, mixture_weights, validate_beta
+    from .llama import UNSET, Llama, MoiInput, MoiSettings, MoiUnsupportedError
+    from .mixing import DIRECT_MIXTURE_BETA, denied_architectures, mixture_weights, validate_beta
 
 __version__ = "0.1.0"
 
@@ -25,11 +25,12 @@ __all__ = [
     "DIRECT_MIXTURE_BETA",
     "EmbeddingRows",
     "Llama",
+    "MoiInput",
     "MoiSettings",
     "MoiUnsupportedError",
     "PymoiError",
     "UNSET",
-    "check_architecture",
+    "denied_architectures",
     "mixture_weights",
     "validate_beta",
     "__version__",
@@ -39,11 +40,12 @@ _SUBMODULE_OF = {
     "PymoiError": "_native",
     "EmbeddingRows": "embedding_rows",
     "Llama": "llama",
+    "MoiInput": "llama",
     "MoiSettings": "llama",
     "MoiUnsupportedError": "llama",
     "UNSET": "llama",
     "DIRECT_MIXTURE_BETA": "mixing",
-    "check_architecture": "mixing",
+    "denied_architectures": "mixing",
     "mixture_weights": "mixing",
     "validate_beta": "mixing",
 }

@@ -34,6 +34,17 @@ class embedding_rows_info(ctypes.Structure):
     ]
 
 
+class session_info(ctypes.Structure):
+    _fields_ = [
+        ("n_embd", ctypes.c_int32),
+        ("n_pos_per_row", ctypes.c_int32),
+        ("input_scale", ctypes.c_float),
+        ("probe_exact", ctypes.c_bool),
+        ("probe_cached", ctypes.c_bool),
+        ("probe_seconds", ctypes.c_double),
+    ]
+
+
 def _library_path() -> pathlib.Path:
     names = {"win32": "pymoi.dll", "darwin": "libpymoi.dylib"}
     return pathlib.Path(__file__).with_name(names.get(sys.platform, "libpymoi.so"))
@@ -56,7 +67,10 @@ def _load() -> ctypes.CDLL:
             [c_float_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_int32, c_int32_p, c_float_p, c_int32_p],
             ctypes.c_int,
         ),
-        "pymoi_architecture_check": ([ctypes.c_char_p, ctypes.c_int32, c_float_p], ctypes.c_int),
+        "pymoi_denied_architecture": (
+            [ctypes.c_int32, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_char_p)],
+            ctypes.c_bool,
+        ),
         "pymoi_embedding_rows_open": ([ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)], ctypes.c_int),
         "pymoi_embedding_rows_free": ([ctypes.c_void_p], None),
         "pymoi_embedding_rows_info_get": ([ctypes.c_void_p, ctypes.POINTER(embedding_rows_info)], ctypes.c_int),
@@ -66,6 +80,7 @@ def _load() -> ctypes.CDLL:
             ctypes.c_int,
         ),
         "pymoi_session_free": ([ctypes.c_void_p], None),
+        "pymoi_session_info_get": ([ctypes.c_void_p, ctypes.POINTER(session_info)], ctypes.c_int),
         "pymoi_session_begin": ([ctypes.c_void_p, ctypes.c_float, ctypes.c_int32], ctypes.c_int),
         "pymoi_session_step": (
             [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32)],

@@ -14,7 +14,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import LlamaGrammar, LogitsProcessorList, StoppingCriteriaList
 
-from ._native import PYMOI_ERR_FORMAT, PYMOI_ERR_IO, PYMOI_ERR_UNSUPPORTED, PymoiError, check, lib
+from ._native import PYMOI_ERR_FORMAT, PYMOI_ERR_IO, PYMOI_ERR_UNSUPPORTED, PymoiError, check, lib, session_info
 from .batch import completion_choices, generate_batch, per_sequence_betas
 from .embedding_rows import EmbeddingRows
 from .mixing import validate_beta, validate_top_k
@@ -52,6 +52,27 @@ class MoiSettings:
 
     beta: Optional[float]
     top_k: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MoiInput:
+    """How mixed inputs enter the model, as the load-time input probe found it.
+
+    The probe decodes a few tokens once as token ids and once as embedding rows (in a
+    context of its own) and requires the same logits: bitwise on the CPU (`probe_exact`),
+    within a small tolerance where a GPU or RPC backend may run the graph.
+    """
+
+    n_embd: int
+    """Floats per input row (token rows are zero-padded to it on deepstack models)."""
+    n_pos_per_row: int
+    """Positions llama.cpp reads per input row: 4 on M-RoPE models, else 1."""
+    input_scale: float
+    """Factor the rows carry: 1, or sqrt(n_embd) where the graph scales only token input."""
+    probe_exact: bool
+    probe_cached: bool
+    """The verdict was kept from an earlier probe of the same model file in this process."""
+    probe_seconds: float
 
 
 _SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
@@ -113,6 +134,7 @@ class Llama(llama_cpp.Llama):
         self._n_seq_max = _check_n_seq_max(n_seq_max)
         self._moi_eog: Optional[frozenset[int]] = None
         self._moi_session: Optional[ctypes.c_void_p] = None
+        self._moi_input: Optional[MoiInput] = None
         self._moi_call: Optional[MoiSettings] = None
         self._moi_next_generate: Optional[MoiSettings] = None
         self._moi_mixed_from: Optional[int] = None
@@ -124,7 +146,12 @@ class Llama(llama_cpp.Llama):
         """Token counts of the latest generate() call (also reached through the completion methods)."""
         beta = validate_beta(beta)
         model_path = os.fspath(model_path)
-        refusal = _check_model_file(model_path)
+        if kwargs.get("vocab_only") or kwargs.get("embedding"):
+            # Nothing is generated: load exactly as llama_cpp.Llama does, with no rows opened.
+            refusal: Optional[str] = "a model loaded with vocab_only or embedding=True does not generate"
+            beta = None
+        else:
+            refusal = _check_model_file(model_path)
         lora_path = kwargs.get("lora_path")
         if refusal is None and lora_path and _lora_touches_token_embeddings(lora_path):
             refusal = f"the LoRA adapter '{lora_path}' changes the token embeddings, which a mixture of inputs bypasses"
@@ -166,6 +193,26 @@ class Llama(llama_cpp.Llama):
             return
         self._moi_session = session
         self._stack.callback(self._free_session)
+        info = session_info()
+        check(lib.pymoi_session_info_get(session, ctypes.byref(info)))
+        self._moi_input = MoiInput(
+            n_embd=info.n_embd,
+            n_pos_per_row=info.n_pos_per_row,
+            input_scale=info.input_scale,
+            probe_exact=info.probe_exact,
+            probe_cached=info.probe_cached,
+            probe_seconds=info.probe_seconds,
+        )
+
+    @property
+    def moi_input(self) -> Optional[MoiInput]:
+        """What the input probe found for this model; None when MoI cannot be used."""
+        return self._moi_input
+
+    @property
+    def moi_refusal(self) -> Optional[str]:
+        """Why this instance cannot decode with MoI, or None when it can."""
+        return self._moi_refusal
 
     def close(self) -> None:
         """Frees the MoI session, the context and the model."""

@@ -85,13 +85,13 @@ def mixture_weights(
     return ids[: count.value].copy(), weights[: count.value].copy()
 
 
-def check_architecture(architecture: str, n_embd: int) -> float:
-    """Factor a mixture must carry for a model of `architecture` (its token path scales
-    token embeddings by it, embedding input not); ValueError naming the architecture if
-    its graph cannot take a mixture of inputs."""
-    scale = ctypes.c_float(0.0)
-    try:
-        check(lib.pymoi_architecture_check(architecture.encode(), int(n_embd), ctypes.byref(scale)))
-    except RuntimeError as error:
-        raise ValueError(str(error)) from None
-    return scale.value
+def denied_architectures() -> dict[str, str]:
+    """The deny list: GGUF architecture names whose graph aborts on embedding input, each with
+    the reason. Every other architecture is judged at load time by the input probe."""
+    denied: dict[str, str] = {}
+    name, reason = ctypes.c_char_p(), ctypes.c_char_p()
+    index = 0
+    while lib.pymoi_denied_architecture(index, ctypes.byref(name), ctypes.byref(reason)):
+        denied[(name.value or b"").decode()] = (reason.value or b"").decode()
+        index += 1
+    return denied
