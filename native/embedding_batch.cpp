@@ -19,16 +19,17 @@ EmbeddingBatch::EmbeddingBatch(int32_t capacity, int32_t n_embd, int32_t n_pos_p
     n_seq_id_(static_cast<size_t>(capacity), 1),
     seq_(static_cast<size_t>(capacity)),
     seq_ids_(static_cast<size_t>(capacity)),
-    logits_(static_cast<size_t>(capacity), 1) {
+    logits_(static_cast<size_t>(capacity)) {
     for (size_t i = 0; i < seq_ids_.size(); ++i) {
         seq_ids_[i] = &seq_[i];
     }
 }
 
-float * EmbeddingBatch::add(llama_pos pos, llama_seq_id seq) {
-    const int32_t i                  = n_rows_++;
+float * EmbeddingBatch::add(llama_pos pos, llama_seq_id seq, bool logits) {
+    const int32_t i                   = n_rows_++;
     text_pos_[static_cast<size_t>(i)] = pos;
     seq_[static_cast<size_t>(i)]      = seq;
+    logits_[static_cast<size_t>(i)]   = logits ? 1 : 0;
     return row(i);
 }
 
@@ -40,6 +41,7 @@ void EmbeddingBatch::remove_sequence(llama_seq_id seq) {
             std::memmove(row(kept), row(i), sizeof(float) * static_cast<size_t>(n_embd_));
             text_pos_[static_cast<size_t>(kept)] = text_pos_[static_cast<size_t>(i)];
             seq_[static_cast<size_t>(kept)]      = seq_[static_cast<size_t>(i)];
+            logits_[static_cast<size_t>(kept)]   = logits_[static_cast<size_t>(i)];
         }
         ++kept;
     }

@@ -22,9 +22,9 @@ class EmbeddingBatch {
     int32_t size() const { return n_rows_; }
     int32_t capacity() const { return capacity_; }
 
-    // Appends a row at text position `pos` of sequence `seq`, with logits;
-    // returns its n_embd floats for the caller to fill.
-    float * add(llama_pos pos, llama_seq_id seq);
+    // Appends a row at text position `pos` of sequence `seq`, with or without
+    // logits; returns its n_embd floats for the caller to fill.
+    float * add(llama_pos pos, llama_seq_id seq, bool logits = true);
 
     // Moves row i to text position `pos`.
     void set_position(int32_t i, llama_pos pos) { text_pos_[static_cast<size_t>(i)] = pos; }
