@@ -139,6 +139,16 @@ pymoi_status pymoi_embedding_rows_dequantise(const pymoi_embedding_rows * rows, 
     return PYMOI_OK;
 }
 
+pymoi_status pymoi_lora_changes_token_embeddings(const char * lora_path, bool * out_changes) {
+    return guarded([&] {
+        if (lora_path == nullptr || out_changes == nullptr) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "lora_path and out_changes must not be null");
+        }
+        std::string error;
+        return to_status(pymoi::lora_changes_token_embeddings(lora_path, out_changes, &error), error);
+    });
+}
+
 pymoi_status pymoi_session_open(llama_model * model, llama_context * ctx, const char * model_path,
                                 pymoi_session ** out_session) {
     return guarded([&] {

@@ -129,6 +129,20 @@ std::string find_tensor_file(const std::string & path, const GgufFile & first, s
 
 }  // namespace
 
+int lora_changes_token_embeddings(const std::string & path, bool * changes, std::string * error) {
+    GgufFile adapter(path);
+    if (!adapter.gguf) {
+        *error = "cannot read the LoRA adapter '" + path + "' as a GGUF file";
+        return PYMOI_ERR_FORMAT;
+    }
+    *changes                 = false;
+    const std::string prefix = kTokenEmbd;
+    for (int64_t i = 0; i < gguf_get_n_tensors(adapter.gguf); ++i) {
+        *changes = *changes || std::string(gguf_get_tensor_name(adapter.gguf, i)).rfind(prefix, 0) == 0;
+    }
+    return PYMOI_OK;
+}
+
 std::unique_ptr<EmbeddingRows> EmbeddingRows::open(const std::string & path, int * status, std::string * error) {
     if (!file_exists(path)) {
         *status = PYMOI_ERR_IO;

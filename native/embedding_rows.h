@@ -10,6 +10,11 @@
 
 namespace pymoi {
 
+// Whether the LoRA adapter file at `path` has tensors for the token embeddings,
+// which llama.cpp adds on the token path only. Returns a pymoi_status; `error`
+// is set when the file is not a readable GGUF.
+int lora_changes_token_embeddings(const std::string & path, bool * changes, std::string * error);
+
 class EmbeddingRows {
   public:
     // Maps the file (or the split of a split model) holding token_embd.weight.

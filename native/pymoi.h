@@ -84,6 +84,11 @@ PYMOI_API pymoi_status pymoi_embedding_rows_info_get(const pymoi_embedding_rows 
 // Writes the n_embd floats of row `token` to out.
 PYMOI_API pymoi_status pymoi_embedding_rows_dequantise(const pymoi_embedding_rows * rows, int32_t token, float * out);
 
+// Whether the LoRA adapter file at `lora_path` changes the token embeddings
+// (has tensors for token_embd.weight): llama.cpp adds its delta on the token
+// path only, so a mixture of inputs would silently leave it out.
+PYMOI_API pymoi_status pymoi_lora_changes_token_embeddings(const char * lora_path, bool * out_changes);
+
 // The per-token MoI step on a llama_context owned by the caller.
 typedef struct pymoi_session pymoi_session;
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's llama-server and llama-cli with Mixture of Inputs (--moi-beta).
+# Builds llama.cpp's llama-server and llama-cli with Mixture of Inputs (--moi-beta),
+# and rpc-server, llama.cpp's RPC backend for spreading a model over machines.
 #
 # Gets the llama.cpp source that llama-cpp-python 0.3.36 vendors from its source
 # distribution (through pip), checks that the patches next to this script apply,
 # applies them and builds with CMake. CMAKE_ARGS is passed on to CMake, as for
-# llama-cpp-python (CMAKE_ARGS="-DGGML_CUDA=on", "-DGGML_METAL=on", ...).
+# llama-cpp-python (CMAKE_ARGS="-DGGML_CUDA=on", "-DGGML_METAL=on", ...); a change
+# of CMAKE_ARGS starts from a fresh CMake cache.
 #
 #   patches/build-llama-tools.sh [--out DIR] [--jobs N]
 #
@@ -36,10 +38,11 @@ while [ $# -gt 0 ]; do
         *) echo "build-llama-tools: unknown argument '$1'" >&2; usage ;;
     esac
 done
-case "$jobs" in
-    "") jobs="$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)" ;;
-    *[!0-9]*|0) fail "--jobs takes a positive number, got '$jobs'" ;;
-esac
+if [ -z "$jobs" ]; then
+    jobs="$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)"
+elif ! [[ "$jobs" =~ ^[1-9][0-9]{0,3}$ ]]; then
+    fail "--jobs takes a positive number, got '$jobs'"
+fi
 
 shopt -s nullglob
 patches=("$here"/[0-9][0-9][0-9][0-9]-*.patch)
@@ -49,6 +52,11 @@ patches=("$here"/[0-9][0-9][0-9][0-9]-*.patch)
 for tool in git cmake; do
     command -v "$tool" >/dev/null || fail "'$tool' is not installed: install it (Debian/Ubuntu: apt install $tool; or pip install $tool) and run again"
 done
+cmake_version="$(cmake --version | sed -n 's/^cmake version \([0-9][0-9]*\)\.\([0-9][0-9]*\).*/\1 \2/p')"
+read -r cmake_major cmake_minor <<<"${cmake_version:-0 0}"
+if [ "$cmake_major" -lt 3 ] || { [ "$cmake_major" -eq 3 ] && [ "$cmake_minor" -lt 21 ]; }; then
+    fail "CMake 3.21 or newer is needed, found ${cmake_major}.${cmake_minor}: pip install cmake, or install a newer one"
+fi
 command -v "$python" >/dev/null || fail "'$python' is not installed: set PYTHON to a Python with pip"
 "$python" -m pip --version >/dev/null 2>&1 || fail "'$python -m pip' does not work: install pip for $python"
 cxx="${CXX:-c++}"
@@ -63,7 +71,8 @@ build_dir="$out/build"
 sdist="$download/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
 if [ ! -f "$sdist" ]; then
     echo "== downloading the llama-cpp-python $LLAMA_CPP_PYTHON_VERSION source distribution"
-    "$python" -m pip download --quiet --no-deps --no-binary :all: \
+    # llama-cpp-python alone as source: its build dependencies come as wheels, if at all
+    "$python" -m pip download --quiet --no-deps --no-binary llama-cpp-python \
         "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$download" \
         || fail "pip could not download llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION (is PyPI reachable?)"
     [ -f "$sdist" ] || fail "pip did not leave $sdist"
@@ -93,6 +102,13 @@ for patch in "${patches[@]}"; do
     echo "   applied $(basename "$patch")"
 done
 
+# a CMake cache keeps options that CMAKE_ARGS no longer gives (a dropped -DGGML_CUDA=on
+# would stay on): start afresh when they changed
+args_file="$build_dir/pymoi-cmake-args"
+if [ -d "$build_dir" ] && [ "$(cat "$args_file" 2>/dev/null)" != "${CMAKE_ARGS:-}" ]; then
+    echo "== CMAKE_ARGS changed since the last build: starting from a fresh CMake cache"
+    rm -rf "$build_dir"
+fi
 echo "== configuring (CMAKE_ARGS: ${CMAKE_ARGS:-none})"
 # CMAKE_ARGS is split on spaces, as llama-cpp-python does; later -D options win
 # shellcheck disable=SC2086
@@ -103,16 +119,18 @@ cmake -S "$source_dir" -B "$build_dir" \
     -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_USE_PREBUILT_UI=OFF \
     -DLLAMA_OPENSSL=OFF \
+    -DGGML_RPC=ON \
     -DPYMOI_NATIVE_DIR="$native_dir" \
     ${CMAKE_ARGS:-} >"$out/configure.log" 2>&1 \
     || { tail -n 30 "$out/configure.log" >&2; fail "CMake could not configure llama.cpp (full log: $out/configure.log)"; }
+printf '%s' "${CMAKE_ARGS:-}" >"$args_file"
 
-echo "== building llama-server and llama-cli with $jobs jobs (log: $out/build.log)"
-cmake --build "$build_dir" --config Release -j "$jobs" --target llama-server llama-cli >"$out/build.log" 2>&1 \
+echo "== building llama-server, llama-cli and rpc-server with $jobs jobs (log: $out/build.log)"
+cmake --build "$build_dir" --config Release -j "$jobs" --target llama-server llama-cli rpc-server >"$out/build.log" 2>&1 \
     || { tail -n 30 "$out/build.log" >&2; fail "the build failed (full log: $out/build.log)"; }
 
-for tool in llama-server llama-cli; do
-    binary="$(find "$build_dir/bin" -maxdepth 2 -type f \( -name "$tool" -o -name "$tool.exe" \) | head -n 1)"
+for tool in llama-server llama-cli rpc-server; do
+    binary="$(find "$build_dir/bin" -maxdepth 2 -type f \( -name "$tool" -o -name "$tool.exe" \) 2>/dev/null | head -n 1 || true)"
     [ -n "$binary" ] || fail "the build did not produce $tool"
     echo "$tool: $binary"
 done

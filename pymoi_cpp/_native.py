@@ -75,6 +75,7 @@ def _load() -> ctypes.CDLL:
         "pymoi_embedding_rows_free": ([ctypes.c_void_p], None),
         "pymoi_embedding_rows_info_get": ([ctypes.c_void_p, ctypes.POINTER(embedding_rows_info)], ctypes.c_int),
         "pymoi_embedding_rows_dequantise": ([ctypes.c_void_p, ctypes.c_int32, c_float_p], ctypes.c_int),
+        "pymoi_lora_changes_token_embeddings": ([ctypes.c_char_p, ctypes.POINTER(ctypes.c_bool)], ctypes.c_int),
         "pymoi_session_open": (
             [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)],
             ctypes.c_int,

@@ -108,10 +108,12 @@ def _check_n_seq_max(n_seq_max: int) -> int:
 
 
 def _lora_touches_token_embeddings(lora_path: str) -> bool:
-    import gguf
-
-    reader = gguf.GGUFReader(lora_path)
-    return any(tensor.name.startswith("token_embd.weight") for tensor in reader.tensors)
+    changes = ctypes.c_bool(False)
+    try:
+        check(lib.pymoi_lora_changes_token_embeddings(os.fsencode(lora_path), ctypes.byref(changes)))
+    except PymoiError as error:
+        raise ValueError(str(error)) from None
+    return changes.value
 
 
 class Llama(llama_cpp.Llama):

@@ -20,7 +20,7 @@ def sdist(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """The llama-cpp-python source distribution the script builds from, fetched once through pip."""
     download = tmp_path_factory.mktemp("download")
     fetched = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", "llama-cpp-python",
          "llama-cpp-python==0.3.36", "-d", str(download)],
         capture_output=True, text=True,
     )
@@ -68,7 +68,16 @@ def test_missing_cmake_is_named(tmp_path: pathlib.Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("arguments, words", [(["--jobs", "many"], "--jobs takes a positive number"), (["--fast"], "unknown argument '--fast'")])
+@pytest.mark.parametrize(
+    "arguments, words",
+    [
+        (["--jobs", "many"], "--jobs takes a positive number"),
+        (["--jobs", "0"], "--jobs takes a positive number"),
+        (["--jobs", "-2"], "--jobs takes a positive number"),
+        (["--jobs", "1.5"], "--jobs takes a positive number"),
+        (["--fast"], "unknown argument '--fast'"),
+    ],
+)
 def test_bad_script_arguments(tmp_path: pathlib.Path, arguments: list[str], words: str) -> None:
     run = subprocess.run(
         ["bash", str(REPO / "patches" / "build-llama-tools.sh"), "--out", str(tmp_path / "out"), *arguments],
@@ -93,3 +102,55 @@ def test_pymoi_build_llama_tools_runs_the_packaged_script(tmp_path: pathlib.Path
     assert run.returncode == 1
     assert "'cmake' is not installed" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def fake_cmake(bin_dir: pathlib.Path, version: str) -> None:
+    """A `cmake` on PATH that reports `version`, records its arguments and builds nothing."""
+    bin_dir.mkdir(exist_ok=True)
+    cmake = bin_dir / "cmake"
+    cmake.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "--version" ]; then echo "cmake version {version}"; exit 0; fi\n'
+        'echo "$@" >> "$(dirname "$0")/cmake-calls"\n'
+        'if [ "$1" = "-S" ]; then mkdir -p "$4"; touch "$4/CMakeCache.txt"; fi\n'
+    )
+    cmake.chmod(0o755)
+
+
+def test_an_old_cmake_is_refused_before_anything_starts(tmp_path: pathlib.Path) -> None:
+    fake_cmake(tmp_path / "bin", "3.16.3")
+    run = subprocess.run(
+        ["bash", str(REPO / "patches" / "build-llama-tools.sh"), "--out", str(tmp_path / "out"), "--jobs", "1"],
+        capture_output=True, text=True, env=dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}"),
+    )
+    assert run.returncode == 1
+    assert "CMake 3.21 or newer is needed, found 3.16" in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_changed_cmake_args_start_from_a_fresh_cache(tmp_path: pathlib.Path, sdist: pathlib.Path) -> None:
+    fake_cmake(tmp_path / "bin", "3.28.1")
+    out = tmp_path / "out"
+    (out / "download").mkdir(parents=True)
+    shutil.copy(sdist, out / "download" / SDIST)
+
+    def build(cmake_args: str) -> str:
+        env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", CMAKE_ARGS=cmake_args)
+        run = subprocess.run(
+            ["bash", str(REPO / "patches" / "build-llama-tools.sh"), "--out", str(out), "--jobs", "1"],
+            capture_output=True, text=True, env=env,
+        )
+        assert "the build did not produce llama-server" in run.stderr, run.stdout + run.stderr  # the fake builds nothing
+        return run.stdout
+
+    assert "fresh CMake cache" not in build("-DGGML_CUDA=on")
+    (out / "build" / "stale-marker").touch()
+    assert "fresh CMake cache" not in build("-DGGML_CUDA=on")
+    assert (out / "build" / "stale-marker").exists(), "the same CMAKE_ARGS keep the build"
+    assert "fresh CMake cache" in build("")
+    assert not (out / "build" / "stale-marker").exists()
+    calls = (tmp_path / "bin" / "cmake-calls").read_text().splitlines()
+    configures = [call for call in calls if call.startswith("-S")]
+    assert "-DGGML_CUDA=on" in configures[0] and "-DGGML_CUDA=on" not in configures[-1]
+    assert "-DGGML_RPC=ON" in configures[-1]
+    assert any("rpc-server" in call for call in calls if call.startswith("--build"))
