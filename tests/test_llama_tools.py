@@ -34,12 +34,14 @@ N_PREDICT = 32
 
 @pytest.fixture(scope="module")
 def tools(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
-    """Paths of the patched llama-server and llama-cli and of the unpatched llama-server."""
-    out = tmp_path_factory.mktemp("llama-tools")
+    """Paths of the patched llama-server, llama-cli and rpc-server and of the unpatched llama-server.
+
+    PYMOI_TEST_TOOLS_DIR names a folder to build in instead of a fresh one (rebuilds only what changed)."""
+    out = pathlib.Path(os.environ.get("PYMOI_TEST_TOOLS_DIR") or tmp_path_factory.mktemp("llama-tools"))
     built = subprocess.run([str(PYMOI), "build-llama-tools", "--out", str(out), "--jobs", JOBS], capture_output=True, text=True)
     assert built.returncode == 0, built.stdout + built.stderr
-    printed = dict(re.findall(r"^(llama-server|llama-cli): (.+)$", built.stdout, re.MULTILINE))
-    assert set(printed) == {"llama-server", "llama-cli"}, built.stdout
+    printed = dict(re.findall(r"^(llama-server|llama-cli|rpc-server): (.+)$", built.stdout, re.MULTILINE))
+    assert set(printed) == {"llama-server", "llama-cli", "rpc-server"}, built.stdout
     paths = {}
     for name, binary in printed.items():
         assert os.access(binary, os.X_OK), binary
@@ -255,7 +257,7 @@ def test_openai_routes_take_moi_fields(moi_server: Server, stock_server: Server)
         ({"moi_beta": -5}, "moi_beta"),
         ({"moi_beta": "strong"}, "moi_beta"),
         ({"moi_top_k": 0}, "moi_top_k"),
-        ({"moi_top_k": 10**7}, "vocabulary size"),
+        ({"moi_top_k": 10**7}, "--moi-max-top-k"),
     ],
 )
 def test_bad_moi_fields_are_rejected(moi_server: Server, fields: dict[str, Any], words: str) -> None:
@@ -266,8 +268,13 @@ def test_bad_moi_fields_are_rejected(moi_server: Server, fields: dict[str, Any],
 
 
 def test_bad_flags_stop_the_server_with_a_message(tools: dict[str, pathlib.Path], smollm2_path: str) -> None:
-    for flags, words in ((["--moi-beta", "-3"], "beta must be"), (["--moi-beta", "strong"], "--moi-beta takes a number"),
-                         (["--moi-top-k", "0"], "--moi-top-k must be at least 1")):
+    for flags, words in ((["--moi-beta", "-3"], "beta must be"), (["--moi-beta", "strong"], "--moi-beta takes a finite number"),
+                         (["--moi-beta", "inf"], "--moi-beta takes a finite number"),
+                         (["--moi-beta", "nan"], "--moi-beta takes a finite number"),
+                         (["--moi-beta", "1e39"], "--moi-beta takes a finite number"),
+                         (["--moi-top-k", "0"], "--moi-top-k must be at least 1"),
+                         (["--moi-max-top-k", "0"], "--moi-max-top-k must be at least 1"),
+                         (["--moi-beta", "1", "--moi-top-k", "300"], "above this server's limit of 256")):
         run = subprocess.run(
             [str(tools["llama-server"]), "-m", smollm2_path, "--port", str(free_port()), *flags],
             capture_output=True, text=True, timeout=120,
@@ -321,3 +328,199 @@ def test_positions_fed_a_mixture_are_not_reused_as_tokens(moi_server: Server, pr
     # ordinary decoding leaves the reply in the cache; MoI leaves only the prompt
     assert cached_follow_up() > len(prompt_tokens)
     assert cached_follow_up(moi_beta=1) <= len(prompt_tokens)
+
+
+def chat_body(content: str, **fields: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": content}], "temperature": 0.0, **fields}
+
+
+def alive(server: Server) -> bool:
+    assert server.process.poll() is None, server.output()[-3000:]
+    with urllib.request.urlopen(server.url + "/health", timeout=10) as response:
+        return response.status == 200
+
+
+def long_prompt(words: int) -> str:
+    return " ".join(f"word{i % 37}" for i in range(words))
+
+
+def test_sliding_window_model_survives_a_follow_up_after_a_long_moi_reply(
+    tools: dict[str, pathlib.Path], gemma3_path: str
+) -> None:
+    # Gemma 3's sliding window (512) is evicted while the reply is generated: the prompt's cells go too
+    server = Server(tools["llama-server"], gemma3_path, "-c", "8192", "-np", "2")
+    try:
+        prompt = long_prompt(90)
+        first = server.greedy(prompt, {"n_predict": 700, "moi_beta": 1.0, "id_slot": 0, "cache_prompt": True})
+        status, reply = server.post("/completion", first)
+        assert status == 200, reply
+        assert len(reply["tokens"]) == 700
+        follow_up = prompt + " and then some more words"
+        status, again = server.post("/completion", server.greedy(follow_up, {"id_slot": 0, "cache_prompt": True}))
+        assert status == 200, again
+        assert alive(server)
+        assert again["tokens"] == server.complete(follow_up, id_slot=1)
+    finally:
+        server.stop()
+
+
+def test_n_choices_beside_a_generating_moi_slot(tools: dict[str, pathlib.Path], smollm2_path: str) -> None:
+    server = Server(tools["llama-server"], smollm2_path, "-np", "3")
+    try:
+        question = chat_body("List ten animals and one fact about each.", max_tokens=16)
+        status, lone = server.post("/v1/chat/completions", question)
+        assert status == 200, lone
+        expected = lone["choices"][0]["message"]["content"]
+
+        results: dict[str, Any] = {}
+
+        def moi_request() -> None:
+            results["moi"] = server.post("/v1/chat/completions", chat_body("Tell a long story.", max_tokens=300, moi_beta=1.0))
+
+        background = threading.Thread(target=moi_request)
+        background.start()
+        time.sleep(1.0)  # the MoI slot is generating
+        status, both = server.post("/v1/chat/completions", {**question, "n": 2})
+        background.join()
+        assert status == 200, both
+        assert [choice["message"]["content"] for choice in both["choices"]] == [expected, expected]
+        assert results["moi"][0] == 200, results["moi"][1]
+        assert alive(server)
+    finally:
+        server.stop()
+
+
+def test_one_hot_oracle_with_two_other_slots_busy(
+    tools: dict[str, pathlib.Path], smollm2_path: str, gemma3_path: str
+) -> None:
+    for model in (smollm2_path, gemma3_path):
+        stock = Server(tools["llama-server-stock"], model, "-np", "3")
+        try:
+            expected = stock.complete(PROMPT)
+        finally:
+            stock.stop()
+        server = Server(tools["llama-server"], model, "-np", "3")
+        try:
+            busy = [
+                threading.Thread(target=server.complete, args=(long_prompt(40 + 10 * i),), kwargs={"moi_beta": 1, "n_predict": 200})
+                for i in range(2)
+            ]
+            for thread in busy:
+                thread.start()
+            time.sleep(1.0)
+            assert server.complete(PROMPT, moi_beta=1, moi_top_k=1) == expected, model
+            for thread in busy:
+                thread.join()
+        finally:
+            server.stop()
+
+
+def test_context_shift_and_ram_cache_after_moi(
+    tools: dict[str, pathlib.Path], smollm2_path: str, stock_server: Server
+) -> None:
+    prompt = long_prompt(60)
+    follow_up = prompt + " with a few more words"
+    expected = stock_server.complete(follow_up)
+    for flags, first in (
+        (["-c", "512", "--context-shift"], {"n_predict": 400}),  # 256 tokens a slot: the reply shifts the context
+        (["--cache-ram", "64"], {"n_predict": 48}),
+    ):
+        server = Server(tools["llama-server"], smollm2_path, *flags)
+        try:
+            status, reply = server.post("/completion", server.greedy(prompt, {**first, "moi_beta": 1, "id_slot": 0, "cache_prompt": True}))
+            assert status == 200, reply
+            # another prompt on the slot moves the first one into the RAM cache, if there is one
+            server.complete(long_prompt(30)[::-1], id_slot=0, cache_prompt=True, n_predict=4)
+            assert server.complete(follow_up, id_slot=0, cache_prompt=True) == expected, flags
+            assert alive(server)
+        finally:
+            server.stop()
+
+
+HOSTILE_BODIES = [
+    ({"moi_beta": 3.4e39}, 400, "moi_beta"),
+    ({"moi_beta": -3.4e39}, 400, "moi_beta"),
+    ({"moi_beta": 1e308}, 400, "moi_beta"),
+    ({"moi_beta": "inf"}, 400, "moi_beta"),
+    ({"moi_beta": True}, 400, "moi_beta"),
+    ({"moi_beta": [1.0]}, 400, "moi_beta"),
+    ({"moi_beta": {"value": 1}}, 400, "moi_beta"),
+    ({"moi_beta": -50}, 400, "moi_beta"),
+    ({"moi_beta": None}, 200, ""),
+    ({"moi_beta": 1, "moi_top_k": 257}, 400, "--moi-max-top-k"),
+    ({"moi_beta": 1, "moi_top_k": 256}, 200, ""),
+    ({"moi_beta": 1, "moi_top_k": 1.5}, 400, "moi_top_k"),
+    ({"moi_beta": 1, "moi_top_k": "20"}, 400, "moi_top_k"),
+    ({"moi_beta": 1, "moi_top_k": -(2**63)}, 400, "moi_top_k"),
+    ({"moi_beta": 1, "moi_top_k": 2**64}, 400, "moi_top_k"),
+    ({"moi_beta": -100, "n_probs": 5}, 200, ""),
+    ({"moi_beta": 0, "n": 3}, 200, ""),
+    ({"moi_beta": 1, "n_predict": 0}, 200, ""),
+    ({"moi_beta": 1, "prompt": ""}, 200, ""),
+    ({"moi_beta": 1, "prompt": [10**9]}, 400, ""),
+    ({"moi_beta": 1, "grammar": "root ::= [a-z]+"}, 200, ""),
+    ({"moi_beta": 1, "logit_bias": [[1, -100]]}, 200, ""),
+]
+
+
+def test_hostile_request_bodies(moi_server: Server) -> None:
+    for fields, expected_status, words in HOSTILE_BODIES:
+        body = {"prompt": PROMPT, "n_predict": 4, **fields}
+        try:
+            with urllib.request.urlopen(moi_server.request("/completion", body), timeout=120) as response:
+                status, reply = response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            status, reply = error.code, error.read().decode()
+        assert status == expected_status, (fields, reply)
+        assert words in reply, (fields, reply)
+        assert alive(moi_server), fields
+
+
+def test_lora_on_token_embeddings_refuses_moi(tools: dict[str, pathlib.Path], smollm2_path: str, tmp_path: pathlib.Path) -> None:
+    import numpy as np
+
+    from tiny_models import write_lora
+
+    rank, n_vocab, n_embd = 4, 49152, 576
+    lora = write_lora(
+        tmp_path / "smollm2-embd-lora.gguf",
+        {
+            "token_embd.weight.lora_a": np.full((n_vocab, rank), 0.01, dtype=np.float32),
+            "token_embd.weight.lora_b": np.full((n_embd, rank), 0.01, dtype=np.float32),
+        },
+    )
+    run = subprocess.run(
+        [str(tools["llama-server"]), "-m", smollm2_path, "--port", str(free_port()), "--lora", str(lora), "--moi-beta", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode != 0
+    assert "changes the token embeddings" in run.stdout + run.stderr
+    server = Server(tools["llama-server"], smollm2_path, "--lora", str(lora))
+    try:
+        status, reply = server.post("/completion", {"prompt": PROMPT, "n_predict": 4, "moi_beta": 1})
+        assert status == 400 and "LoRA adapter" in reply["error"]["message"], reply
+        assert server.complete(PROMPT, n_predict=4)
+    finally:
+        server.stop()
+
+
+def test_moi_over_rpc(tools: dict[str, pathlib.Path], smollm2_path: str, stock_server: Server, prompt_tokens: list[int]) -> None:
+    port = free_port()
+    rpc = subprocess.Popen(
+        [str(tools["rpc-server"]), "-H", "127.0.0.1", "-p", str(port), "-t", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        time.sleep(1.0)
+        assert rpc.poll() is None, rpc.stdout.read() if rpc.stdout else ""
+        server = Server(tools["llama-server"], smollm2_path, "--rpc", f"127.0.0.1:{port}", "-ngl", "99")
+        try:
+            assert "RPC" in server.output()
+            assert server.complete(prompt_tokens, moi_beta=1, moi_top_k=1) == stock_server.complete(prompt_tokens)
+            status, reply = server.post("/completion", server.greedy(prompt_tokens, {"moi_beta": 1.0}))
+            assert status == 200 and len(reply["tokens"]) == N_PREDICT, reply
+        finally:
+            server.stop()
+    finally:
+        rpc.terminate()
+        rpc.wait(timeout=20)
