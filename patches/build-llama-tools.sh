@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds llama.cpp's llama-server and llama-cli with Mixture of Inputs (--moi-beta),
-# and rpc-server, llama.cpp's RPC backend for spreading a model over machines.
+# and ggml-rpc-server, llama.cpp's RPC server for spreading a model over machines.
 #
 # Gets the llama.cpp source that llama-cpp-python 0.3.36 vendors from its source
 # distribution (through pip), checks that the patches next to this script apply,
@@ -125,11 +125,11 @@ cmake -S "$source_dir" -B "$build_dir" \
     || { tail -n 30 "$out/configure.log" >&2; fail "CMake could not configure llama.cpp (full log: $out/configure.log)"; }
 printf '%s' "${CMAKE_ARGS:-}" >"$args_file"
 
-echo "== building llama-server, llama-cli and rpc-server with $jobs jobs (log: $out/build.log)"
-cmake --build "$build_dir" --config Release -j "$jobs" --target llama-server llama-cli rpc-server >"$out/build.log" 2>&1 \
+echo "== building llama-server, llama-cli and ggml-rpc-server with $jobs jobs (log: $out/build.log)"
+cmake --build "$build_dir" --config Release -j "$jobs" --target llama-server llama-cli ggml-rpc-server >"$out/build.log" 2>&1 \
     || { tail -n 30 "$out/build.log" >&2; fail "the build failed (full log: $out/build.log)"; }
 
-for tool in llama-server llama-cli rpc-server; do
+for tool in llama-server llama-cli ggml-rpc-server; do
     binary="$(find "$build_dir/bin" -maxdepth 2 -type f \( -name "$tool" -o -name "$tool.exe" \) 2>/dev/null | head -n 1 || true)"
     [ -n "$binary" ] || fail "the build did not produce $tool"
     echo "$tool: $binary"

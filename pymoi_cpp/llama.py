@@ -505,17 +505,12 @@ class Llama(llama_cpp.Llama):
             )
         if settings.beta is None:
             return self._counted(len(tokens), super().generate(tokens, reset=reset, stopping_criteria=stopping_criteria, **sampling))
-        if not reset:
-            raise ValueError(
-                "reset=False is not supported with MoI: a mixed generation always starts from an empty KV cache; "
-                "pass the whole token list"
-            )
         if self.draft_model is not None:
             raise ValueError("MoI cannot be combined with draft_model: speculative decoding verifies token inputs")
         tokens = list(tokens)
-        if not tokens:
+        if not tokens and (reset or self._requires_eval):
             raise ValueError("generate() needs at least one prompt token")
-        return self._counted(len(tokens), self._generate_moi(settings, tokens, stopping_criteria, sampling))
+        return self._counted(len(tokens), self._generate_moi(settings, tokens, reset, stopping_criteria, sampling))
 
     def _counted(self, prompt_tokens: int, generation: Generator[int, Optional[Sequence[int]], None]) -> Generator[int, Optional[Sequence[int]], None]:
         counts = GenerationCounts(prompt_tokens=prompt_tokens)
@@ -533,24 +528,46 @@ class Llama(llama_cpp.Llama):
                     return
 
     def _discard_mixed_positions(self) -> None:
-        """Drops the KV positions that were fed a mixture."""
+        """Drops the positions that were fed a mixture, so that no later call reuses them as tokens.
+
+        A memory that cannot drop a tail (recurrent and hybrid models) forgets everything.
+        """
         mixed_from = self._moi_mixed_from
         if mixed_from is None:
             return
         self._moi_mixed_from = None
         self._moi_generation = None
         if self.n_tokens > mixed_from:
-            self.n_tokens = mixed_from
-            self._ctx.kv_cache_seq_rm(-1, mixed_from, -1)
+            if self._ctx.kv_cache_seq_rm(-1, mixed_from, -1):
+                self.n_tokens = mixed_from
+            else:
+                self._forget_context()
         # The live logits belong to a mixed position, not to the token prefix.
         self._requires_eval = True
 
-    def _eval_prompt(self, tokens: list[int]) -> None:
-        # A mixed generation always starts from an empty KV cache: reusing a cached
-        # prefix changes the cell layout, and with it the floating-point sums of the
-        # attention, so the same request could give different output after another.
-        self._forget_context()
-        self.eval(tokens)
+    def _eval_prompt(self, tokens: list[int], reset: bool) -> None:
+        """Brings the context to `tokens` as stock generate() does: the longest cached token
+        prefix is kept (a prompt cached exactly, with live logits, is not evaluated again) and
+        the rest evaluated; with reset=False `tokens` follow what the context holds."""
+        if reset and self.n_tokens > 0:
+            longest = 0
+            for cached, token in zip(self._input_ids, tokens):
+                if cached != token:
+                    break
+                longest += 1
+            consumed = longest == len(tokens)
+            if consumed and self.n_tokens == len(tokens) and not self._requires_eval:
+                return
+            # With nothing left to evaluate, one token is evaluated again for its logits.
+            reuse = longest - 1 if consumed else longest
+            if reuse > 0 and self._ctx.kv_cache_seq_rm(-1, reuse, -1):
+                self.n_tokens = reuse
+                tokens = tokens[reuse:]
+                reset = False
+        if reset:
+            self.reset()
+        if tokens:
+            self.eval(tokens)
 
     def _forget_context(self) -> None:
         """Empties the KV cache and the token history, so nothing is reused."""
@@ -566,13 +583,14 @@ class Llama(llama_cpp.Llama):
         self,
         settings: MoiSettings,
         tokens: list[int],
+        reset: bool,
         stopping_criteria: Optional[StoppingCriteriaList],
         sampling: dict[str, Any],
     ) -> Generator[int, Optional[Sequence[int]], None]:
         self._mirostat_mu = ctypes.c_float(2.0 * sampling["mirostat_tau"])
         self._sampler = self._init_sampler(**sampling)
         sampler = ctypes.cast(self._sampler.sampler, ctypes.c_void_p)
-        self._eval_prompt(tokens)
+        self._eval_prompt(tokens, reset)
         generation = object()
         self._moi_generation = generation
         self._moi_mixed_from = self.n_tokens

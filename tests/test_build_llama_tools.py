@@ -153,4 +153,4 @@ def test_changed_cmake_args_start_from_a_fresh_cache(tmp_path: pathlib.Path, sdi
     configures = [call for call in calls if call.startswith("-S")]
     assert "-DGGML_CUDA=on" in configures[0] and "-DGGML_CUDA=on" not in configures[-1]
     assert "-DGGML_RPC=ON" in configures[-1]
-    assert any("rpc-server" in call for call in calls if call.startswith("--build"))
+    assert any("ggml-rpc-server" in call for call in calls if call.startswith("--build"))

@@ -34,14 +34,14 @@ N_PREDICT = 32
 
 @pytest.fixture(scope="module")
 def tools(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
-    """Paths of the patched llama-server, llama-cli and rpc-server and of the unpatched llama-server.
+    """Paths of the patched llama-server, llama-cli and ggml-rpc-server and of the unpatched llama-server.
 
     PYMOI_TEST_TOOLS_DIR names a folder to build in instead of a fresh one (rebuilds only what changed)."""
     out = pathlib.Path(os.environ.get("PYMOI_TEST_TOOLS_DIR") or tmp_path_factory.mktemp("llama-tools"))
     built = subprocess.run([str(PYMOI), "build-llama-tools", "--out", str(out), "--jobs", JOBS], capture_output=True, text=True)
     assert built.returncode == 0, built.stdout + built.stderr
-    printed = dict(re.findall(r"^(llama-server|llama-cli|rpc-server): (.+)$", built.stdout, re.MULTILINE))
-    assert set(printed) == {"llama-server", "llama-cli", "rpc-server"}, built.stdout
+    printed = dict(re.findall(r"^(llama-server|llama-cli|ggml-rpc-server): (.+)$", built.stdout, re.MULTILINE))
+    assert set(printed) == {"llama-server", "llama-cli", "ggml-rpc-server"}, built.stdout
     paths = {}
     for name, binary in printed.items():
         assert os.access(binary, os.X_OK), binary
@@ -507,7 +507,7 @@ def test_lora_on_token_embeddings_refuses_moi(tools: dict[str, pathlib.Path], sm
 def test_moi_over_rpc(tools: dict[str, pathlib.Path], smollm2_path: str, stock_server: Server, prompt_tokens: list[int]) -> None:
     port = free_port()
     rpc = subprocess.Popen(
-        [str(tools["rpc-server"]), "-H", "127.0.0.1", "-p", str(port), "-t", "2"],
+        [str(tools["ggml-rpc-server"]), "-H", "127.0.0.1", "-p", str(port), "-t", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

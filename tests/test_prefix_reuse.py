@@ -1,0 +1,152 @@
+"""A chat does not slow down turn by turn: with MoI, pymoi_cpp.Llama reuses the cached token
+prefix exactly as llama_cpp.Llama.generate does, except the positions that were fed a mixture,
+which are never reused as tokens. Counts of evaluated tokens are taken by wrapping eval()."""
+
+from __future__ import annotations
+
+import itertools
+import pathlib
+from typing import Any, Callable
+
+import llama_cpp
+import pytest
+
+import pymoi_cpp
+from pymoi_cpp.activated import ActivatedLlama
+from tiny_recurrent_models import write_recurrent_model
+
+N_REPLY = 24
+
+
+def counting_eval(llm: llama_cpp.Llama) -> list[int]:
+    """Makes `llm` record how many tokens each eval() call evaluates; returns that record."""
+    counts: list[int] = []
+    evaluate = llm.eval
+
+    def eval_counted(tokens: Any) -> None:
+        counts.append(len(tokens))
+        evaluate(tokens)
+
+    llm.eval = eval_counted  # type: ignore[method-assign]
+    return counts
+
+
+def greedy(llm: llama_cpp.Llama, prompt: list[int], n: int = N_REPLY, **kwargs: Any) -> list[int]:
+    return list(itertools.islice(llm.generate(prompt, temp=0.0, **kwargs), n))
+
+
+def open_model(model: str, request: pytest.FixtureRequest, llm_class: Callable[..., llama_cpp.Llama] = pymoi_cpp.Llama, **kwargs: Any) -> llama_cpp.Llama:
+    return llm_class(request.getfixturevalue(model), n_ctx=1024, n_threads=2, verbose=False, **kwargs)
+
+
+def chat_turns(llm: llama_cpp.Llama) -> list[list[int]]:
+    return [llm.tokenize(text.encode(), add_bos=False) for text in (
+        "User: Name a fruit.\nAssistant:", "\nUser: And a vegetable?\nAssistant:", "\nUser: And a colour?\nAssistant:",
+        "\nUser: Which of them is sweetest?\nAssistant:",
+    )]
+
+
+MODELS = ["smollm2_path", "gemma3_path"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_each_turn_evaluates_only_the_reply_and_the_new_message(model: str, request: pytest.FixtureRequest) -> None:
+    llm = open_model(model, request, beta=1.0)
+    try:
+        counts = counting_eval(llm)
+        history, cached = [llm.token_bos()], 0
+        for turn, message in enumerate(chat_turns(llm)):
+            prompt = history + message
+            counts.clear()
+            reply = greedy(llm, prompt)
+            # the cache held the previous prompt; the previous reply was fed mixtures
+            assert sum(counts) == len(prompt) - cached, f"turn {turn + 1}"
+            history, cached = prompt + reply, len(prompt)
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_exact_prompt_and_loaded_state_are_reused_as_stock_does(model: str, request: pytest.FixtureRequest) -> None:
+    evaluated = {}
+    for name, llm_class, kwargs in (("stock", llama_cpp.Llama, {}), ("moi", pymoi_cpp.Llama, {"beta": 1.0})):
+        llm = open_model(model, request, llm_class, **kwargs)
+        try:
+            prompt = llm.tokenize(b"A short prompt to cache")
+            counts = counting_eval(llm)
+            llm.eval(prompt)
+            counts.clear()
+            greedy(llm, prompt, 1)  # the prompt's evaluation only: the first token comes before any other
+            exact = sum(counts)
+            state = llm.save_state()
+            greedy(llm, prompt + llm.tokenize(b" and more", add_bos=False), 4)
+            llm.load_state(state)
+            counts.clear()
+            greedy(llm, prompt, 1)
+            evaluated[name] = (exact, sum(counts))
+        finally:
+            llm.close()
+    assert evaluated["moi"] == evaluated["stock"] == (0, 1)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_output_after_reuse_equals_a_fresh_instance(model: str, request: pytest.FixtureRequest) -> None:
+    """With flash attention: without it, llama.cpp's attention on Gemma 3 gives logits up to 0.7
+    apart for a prompt evaluated in two pieces or in one (stock greedy decoding happens to keep its
+    argmax; a mixture, which follows the whole distribution, does not)."""
+    llm = open_model(model, request, beta=1.0, flash_attn=True)
+    base = llm.tokenize(b"The old lighthouse keeper climbed the stairs every evening, and")
+    prompts = {"exact": base, "longer": base + llm.tokenize(b" that night he saw", add_bos=False), "shorter": base[:-4]}
+    try:
+        for name, prompt in prompts.items():
+            greedy(llm, base)  # the cache holds `base` (and drops the mixed reply) before each
+            reused = greedy(llm, prompt)
+            fresh = open_model(model, request, beta=1.0, flash_attn=True)
+            try:
+                assert reused == greedy(fresh, prompt), name
+            finally:
+                fresh.close()
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("arch", ["mamba", "rwkv7", "qwen35", "falcon-h1", "granitehybrid"])
+def test_recurrent_memory_never_reuses_a_mixed_state(arch: str, tiny_dir: pathlib.Path) -> None:
+    path = str(write_recurrent_model(tiny_dir / f"reuse-{arch}.gguf", arch, seed=5))
+    first, follow_up = [1, 17, 42, 99, 5], [1, 17, 42, 99, 5, 60, 61]
+
+    def fresh(prompt: list[int], beta: Any) -> list[int]:
+        llm = pymoi_cpp.Llama(path, n_ctx=256, verbose=False, beta=1.0)
+        try:
+            return greedy(llm, prompt, beta=beta)
+        finally:
+            llm.close()
+
+    llm = pymoi_cpp.Llama(path, n_ctx=256, verbose=False, beta=1.0)
+    try:
+        counts = counting_eval(llm)
+        greedy(llm, first)
+        assert greedy(llm, follow_up, beta=None) == fresh(follow_up, None)
+        greedy(llm, first)
+        counts.clear()
+        assert greedy(llm, follow_up) == fresh(follow_up, 1.0)
+        assert sum(counts) == len(follow_up), "a state that saw mixed inputs is evaluated again from the start"
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("option", ["vocab_only", "embedding"])
+def test_drop_in_loads_modes_without_generation_as_stock(option: str, smollm2_path: str) -> None:
+    activated = type("Activated", (ActivatedLlama,), {"activated_beta": 1.0})
+    llm = activated(smollm2_path, n_ctx=512, verbose=False, **{option: True})
+    try:
+        assert llm.beta is None and llm.moi_input is None
+        if option == "embedding":
+            vector = llm.embed("Hello there")
+            stock = llama_cpp.Llama(smollm2_path, n_ctx=512, verbose=False, embedding=True)
+            try:
+                assert vector == stock.embed("Hello there")
+            finally:
+                stock.close()
+    finally:
+        llm.close()
