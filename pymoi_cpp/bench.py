@@ -24,6 +24,19 @@ PROMPT = (
     "and describe the storm that follows, the people of the village, and the journey that changes everything."
 )
 SAMPLING = dict(temp=0.8, top_k=40, top_p=0.95, min_p=0.05)
+CHAT_QUESTIONS = (
+    "Tell me about lighthouses.",
+    "Why are many of them painted in stripes?",
+    "Who looked after them before they were automated?",
+    "What did a keeper do during a storm?",
+    "Name a famous lighthouse and where it stands.",
+    "How far can its light be seen?",
+    "What replaced the oil lamps?",
+    "Are lighthouses still needed with satellite navigation?",
+    "Write a short poem about one.",
+    "Summarise our conversation in two sentences.",
+)
+CHAT_N_CTX = 8192
 
 
 @dataclasses.dataclass
@@ -122,6 +135,7 @@ class Settings:
     batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
     threads: Optional[int] = None
     measure_memory: bool = True
+    chat_turns: int = 10
 
     @property
     def n_ctx(self) -> int:
@@ -213,6 +227,34 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": list(values)}
 
 
+def chat_first_token_times(settings: Settings) -> dict[str, list[float]]:
+    """Seconds to the first streamed text of each turn of a chat, on a stock and a MoI instance
+    (beta 1), turn by turn side by side; each keeps its own history and cache."""
+    common = dict(n_ctx=CHAT_N_CTX, n_threads=settings.threads, n_threads_batch=settings.threads, seed=1, verbose=False)
+    models = {"stock": llama_cpp.Llama(settings.model, **common), "moi": Llama(settings.model, beta=1.0, **common)}
+    histories: dict[str, list[dict[str, str]]] = {name: [] for name in models}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    try:
+        for turn in range(settings.chat_turns):
+            for name, llm in models.items():
+                messages = histories[name] + [{"role": "user", "content": CHAT_QUESTIONS[turn % len(CHAT_QUESTIONS)]}]
+                start, first, reply = time.perf_counter(), None, []
+                stream = llm.create_chat_completion(
+                    messages, max_tokens=settings.n_tokens, stream=True, seed=turn, temperature=SAMPLING["temp"]
+                )
+                for chunk in stream:
+                    text = chunk["choices"][0]["delta"].get("content")
+                    if text:
+                        first = first if first is not None else time.perf_counter() - start
+                        reply.append(text)
+                times[name].append(first if first is not None else time.perf_counter() - start)
+                histories[name] = messages + [{"role": "assistant", "content": "".join(reply)}]
+    finally:
+        for llm in models.values():
+            llm.close()
+    return times
+
+
 def run_benchmark(settings: Settings) -> dict[str, Any]:
     """Runs every configuration `rounds` times, interleaved, and measures peak memory in separate processes."""
     configs = configurations(settings)
@@ -228,7 +270,10 @@ def run_benchmark(settings: Settings) -> dict[str, Any]:
         for config in configs:
             config.peak_rss_mib = child_peak_rss(settings, config)
             progress.advance(f"memory {config.name}")
-    return report(settings, configs)
+    result = report(settings, configs)
+    if settings.chat_turns:
+        result["chat_first_token_s"] = chat_first_token_times(settings)
+    return result
 
 
 def report(settings: Settings, configs: list[Configuration]) -> dict[str, Any]:
@@ -261,6 +306,7 @@ def report(settings: Settings, configs: list[Configuration]) -> dict[str, Any]:
             "tokens": settings.n_tokens,
             "rounds": settings.rounds,
             "batch_sizes": list(settings.batch_sizes),
+            "chat_turns": settings.chat_turns,
             "threads": settings.threads,
             "n_ctx_per_sequence": settings.n_ctx,
             "sampling": SAMPLING,
@@ -285,6 +331,12 @@ def format_table(result: dict[str, Any]) -> str:
             + f"{row['vs_raw']:>8.3f}{row['vs_stock']:>9.3f}{row['prompt_tokens_per_s']['median']:>14.1f}"
             + f"{1000 * row['time_to_first_token_s']['median']:>9.1f}{'' if rss is None else f'{rss:.1f}':>10}"
         )
+    chat = result.get("chat_first_token_s")
+    if chat:
+        lines.append(f"chat, first-token time per turn (s), {result['settings']['tokens']} tokens a reply:")
+        lines.append("turn    " + "".join(f"{turn + 1:>7}" for turn in range(len(chat["stock"]))))
+        for name in ("stock", "moi"):
+            lines.append(f"{name:<8}" + "".join(f"{seconds:>7.2f}" for seconds in chat[name]))
     return "\n".join(lines)
 
 

@@ -62,15 +62,24 @@ def parse_beta(text: str) -> Optional[float]:
         ) from error
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 for argparse."""
+def _int_at_least(text: str, lowest: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 for argparse."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 for argparse."""
+    return _int_at_least(text, 0)
 
 
 def batch_sizes(text: str) -> tuple[int, ...]:
@@ -162,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", metavar="B,B", type=batch_sizes, default=(1, 4, 8, 16), help="batched runs (default 1,4,8,16; 0 for none)")
     bench.add_argument("--threads", metavar="N", type=positive_int, default=None, help=f"CPU threads (default {default_threads()})")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-RSS runs")
+    bench.add_argument(
+        "--chat-turns", metavar="N", type=non_negative_int, default=10,
+        help="turns of the chat scenario, first-token time per turn, stock and MoI side by side (default 10; 0 for none)",
+    )
     bench.add_argument("--json", metavar="FILE", default=None, help="write every number to FILE")
     bench.add_argument("--plot", metavar="FILE.png", default=None, help="bar chart of decode tokens/s (needs matplotlib)")
 
@@ -465,6 +478,7 @@ def run_bench(args: argparse.Namespace) -> int:
         batch_sizes=args.batch_sizes,
         threads=args.threads or default_threads(),
         measure_memory=not args.no_memory,
+        chat_turns=args.chat_turns,
     )
     try:
         result = run_benchmark(settings)

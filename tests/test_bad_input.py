@@ -7,6 +7,7 @@ import pathlib
 import shutil
 
 import gguf
+import llama_cpp
 import numpy as np
 import pytest
 
@@ -132,13 +133,15 @@ def test_generating_past_the_context_raises(tiny_model: pathlib.Path) -> None:
         llm.close()
 
 
-def test_reset_false_is_refused_with_moi(tiny_model: pathlib.Path) -> None:
-    llm = pymoi_cpp.Llama(str(tiny_model), verbose=False, n_ctx=64)
-    try:
-        with pytest.raises(ValueError, match="reset=False"):
-            llm.generate([1, 2, 3], reset=False)
-    finally:
-        llm.close()
+def test_reset_false_continues_from_the_context_as_stock_does(tiny_model: pathlib.Path) -> None:
+    outputs = []
+    for llm in (llama_cpp.Llama(str(tiny_model), verbose=False, n_ctx=64), pymoi_cpp.Llama(str(tiny_model), verbose=False, n_ctx=64, moi_top_k=1)):
+        try:
+            llm.eval([1, 2, 3])
+            outputs.append(list(itertools.islice(llm.generate([4, 5], reset=False, temp=0.0), 8)))
+        finally:
+            llm.close()
+    assert outputs[0] == outputs[1]
 
 
 def test_lora_on_token_embeddings_is_refused(tiny_model: pathlib.Path, tmp_path: pathlib.Path) -> None:

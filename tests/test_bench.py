@@ -13,7 +13,10 @@ TIMING_FIELDS = {"decode_tokens_per_s", "prompt_tokens_per_s", "time_to_first_to
 
 def test_bench_writes_every_field(smollm2_path: str, tmp_path: pathlib.Path) -> None:
     out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
-    command = [str(PYMOI), "bench", smollm2_path, "--tokens", "4", "--rounds", "2", "--batch-sizes", "1,2", "--threads", "2"]
+    command = [
+        str(PYMOI), "bench", smollm2_path, "--tokens", "4", "--rounds", "2", "--batch-sizes", "1,2", "--threads", "2",
+        "--chat-turns", "3",
+    ]  # fmt: skip
     result = subprocess.run([*command, "--json", str(out), "--plot", str(chart)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
@@ -44,6 +47,9 @@ def test_bench_writes_every_field(smollm2_path: str, tmp_path: pathlib.Path) -> 
     raw = [r for r in data["configurations"] if r["kind"] in ("raw", "batched-raw")]
     assert all(r["vs_raw"] == 1.0 for r in raw)
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    chat = data["chat_first_token_s"]
+    assert set(chat) == {"stock", "moi"} and all(len(times) == 3 and min(times) > 0 for times in chat.values())
+    assert "first-token time per turn" in result.stdout
 
 
 def test_bench_bad_arguments(tmp_path: pathlib.Path) -> None:
