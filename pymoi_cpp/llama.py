@@ -107,13 +107,18 @@ def _check_n_seq_max(n_seq_max: int) -> int:
     return n_seq_max
 
 
-def _lora_touches_token_embeddings(lora_path: str) -> bool:
+def _lora_refusal(lora_path: Optional[str]) -> Optional[str]:
+    """Why MoI cannot be used with the LoRA adapter at `lora_path`, if it cannot."""
+    if not lora_path:
+        return None
     changes = ctypes.c_bool(False)
     try:
         check(lib.pymoi_lora_changes_token_embeddings(os.fsencode(lora_path), ctypes.byref(changes)))
     except PymoiError as error:
         raise ValueError(str(error)) from None
-    return changes.value
+    if changes.value:
+        return f"the LoRA adapter '{lora_path}' changes the token embeddings, which a mixture of inputs bypasses"
+    return None
 
 
 class Llama(llama_cpp.Llama):
@@ -148,17 +153,15 @@ class Llama(llama_cpp.Llama):
         """Token counts of the latest generate() call (also reached through the completion methods)."""
         beta = validate_beta(beta)
         model_path = os.fspath(model_path)
+        refusal: Optional[str] = None
         if kwargs.get("vocab_only") or kwargs.get("embedding"):
             # Nothing is generated: load exactly as llama_cpp.Llama does, with no rows opened.
-            refusal: Optional[str] = "a model loaded with vocab_only or embedding=True does not generate"
+            refusal = "a model loaded with vocab_only or embedding=True does not generate"
             beta = None
-        else:
-            refusal = _check_model_file(model_path)
-        lora_path = kwargs.get("lora_path")
-        if refusal is None and lora_path and _lora_touches_token_embeddings(lora_path):
-            refusal = f"the LoRA adapter '{lora_path}' changes the token embeddings, which a mixture of inputs bypasses"
-        if refusal is not None and beta is not None:
-            raise MoiUnsupportedError(refusal)
+        elif beta is not None:
+            refusal = _check_model_file(model_path) or _lora_refusal(kwargs.get("lora_path"))
+            if refusal is not None:
+                raise MoiUnsupportedError(refusal)
         super().__init__(model_path, **kwargs)
         # Tokens one sequence can hold: llama.cpp may round n_ctx up past the n_ctx that
         # llama_cpp.Llama sized its token buffer for, and n_seq_max > 1 splits it.
@@ -169,13 +172,18 @@ class Llama(llama_cpp.Llama):
         try:
             self._beta = beta
             self._moi_top_k = validate_top_k(moi_top_k, self.n_vocab())
-            if refusal is None:
+            if beta is not None:
                 self._open_session()
         except Exception:
             self.close()
             raise
 
     def _open_session(self) -> None:
+        """Opens the MoI session (the input probe runs here); records why not when MoI is refused."""
+        lora_refusal = _lora_refusal(self.lora_path)
+        if lora_refusal is not None:
+            self._moi_refusal = lora_refusal
+            return
         session = ctypes.c_void_p()
         try:
             check(
@@ -251,6 +259,14 @@ class Llama(llama_cpp.Llama):
             self._moi_eog = frozenset(t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
         return self._moi_eog
 
+    def _require_session(self) -> ctypes.c_void_p:
+        """The MoI session, opened on the first generation that asks for MoI; ValueError when refused."""
+        if self._moi_session is None and self._moi_refusal is None:
+            self._open_session()
+        if self._moi_session is None:
+            raise ValueError(self._moi_refusal or "this model cannot take a mixture of inputs")
+        return self._moi_session
+
     def _free_session(self) -> None:
         if self._moi_session is not None:
             lib.pymoi_session_free(self._moi_session)
@@ -264,8 +280,8 @@ class Llama(llama_cpp.Llama):
     @beta.setter
     def beta(self, value: Optional[float]) -> None:
         value = validate_beta(value)
-        if value is not None and self._moi_refusal is not None:
-            raise ValueError(self._moi_refusal)
+        if value is not None:
+            self._require_session()
         self._beta = value
 
     @property
@@ -310,8 +326,7 @@ class Llama(llama_cpp.Llama):
         greedy sequences give the same tokens as generate() alone on this instance.
         """
         base = self._settings(UNSET, moi_top_k)
-        if self._moi_session is None:
-            raise ValueError(self._moi_refusal or "this model cannot take a mixture of inputs")
+        self._require_session()
         if isinstance(max_tokens, bool) or (max_tokens is not None and not isinstance(max_tokens, int)):
             raise ValueError(f"max_tokens must be an integer or None, not {type(max_tokens).__name__}")
         betas = per_sequence_betas(base.beta if beta is UNSET else beta, len(prompts))
@@ -324,8 +339,8 @@ class Llama(llama_cpp.Llama):
         base = self._moi_call or MoiSettings(self._beta, self._moi_top_k)
         resolved_beta = base.beta if beta is UNSET else validate_beta(beta)
         top_k = base.top_k if moi_top_k is None else validate_top_k(moi_top_k, self.n_vocab())
-        if resolved_beta is not None and self._moi_refusal is not None:
-            raise ValueError(self._moi_refusal)
+        if resolved_beta is not None:
+            self._require_session()
         return MoiSettings(resolved_beta, top_k)
 
     @contextlib.contextmanager
@@ -594,7 +609,7 @@ class Llama(llama_cpp.Llama):
         generation = object()
         self._moi_generation = generation
         self._moi_mixed_from = self.n_tokens
-        session = self._moi_session
+        session = self._require_session()
         token = ctypes.c_int32(0)
         try:
             check(lib.pymoi_session_begin(session, settings.beta, settings.top_k))
