@@ -39,6 +39,7 @@ from tiny_models import (
     _add_hparams,
     _add_vocab,
     _random_tensors,
+    write_model_file,
 )
 
 ATTENTION_ARCHITECTURES: tuple[str, ...] = (
@@ -267,14 +268,7 @@ def write_attention_model(
     writer.add_name("tiny random model")
     tensors = _WRITERS[arch](writer, np.random.default_rng(seed))
     _add_vocab(writer, N_VOCAB)
-    for name, data in tensors.items():
-        qtype = gguf.GGMLQuantizationType[token_embd_type if name == "token_embd.weight" else "F32"]
-        writer.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(data), qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_model_file(writer, path, tensors, token_embd_type)
 
 
 # --- row-fed greedy decoding -------------------------------------------------------------------------------------

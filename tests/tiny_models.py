@@ -213,9 +213,17 @@ def write_tiny_model(
     _add_vocab(writer, n_vocab)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
+    return write_model_file(writer, path, tensors, token_embd_type)
+
+
+def write_model_file(
+    writer: gguf.GGUFWriter, path: pathlib.Path, tensors: dict[str, np.ndarray], token_embd_type: str
+) -> pathlib.Path:
+    """Add ``tensors`` to ``writer`` (``token_embd.weight`` as ``token_embd_type``, every other tensor as F32),
+    write the file (or its shards) and return the path to load: ``path`` or its first shard."""
     for name, data in tensors.items():
         qtype = gguf.GGMLQuantizationType[token_embd_type if name == "token_embd.weight" else "F32"]
-        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        writer.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(data), qtype), raw_dtype=qtype)
     first_shard = writer.format_shard_names(path)[0]
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -25,7 +25,7 @@ from typing import Union
 import gguf
 import numpy as np
 
-from tiny_models import _CONTROL_TOKENS, HEAD_DIM, WRITER_EMBEDDING_TYPES, _add_vocab
+from tiny_models import _CONTROL_TOKENS, HEAD_DIM, WRITER_EMBEDDING_TYPES, _add_vocab, write_model_file
 
 _Tensors = dict[str, np.ndarray]
 _KvValue = Union[int, float, tuple[gguf.GGUFValueType, list[int]]]  # arrays: (element type, values)
@@ -579,11 +579,4 @@ def write_recurrent_model(
         else:
             writer.add_key_value(f"{arch}.{key}", value, vtype)
     _add_vocab(writer, dims.n_vocab)
-    for name, data in model.tensors.items():
-        qtype = gguf.GGMLQuantizationType[token_embd_type if name == "token_embd.weight" else "F32"]
-        writer.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(data), qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_model_file(writer, path, model.tensors, token_embd_type)
