@@ -139,6 +139,25 @@ pymoi_status pymoi_embedding_rows_dequantise(const pymoi_embedding_rows * rows, 
     return PYMOI_OK;
 }
 
+pymoi_status pymoi_host_time_measure(const pymoi_embedding_rows * rows, const float * logits, int32_t n_sets,
+                                     int32_t n_vocab, const llama_token * tokens, float beta, int32_t top_k,
+                                     int32_t n_tokens, pymoi_host_time * out) {
+    return guarded([&] {
+        if (rows == nullptr || logits == nullptr || tokens == nullptr || out == nullptr) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "rows, logits, tokens and out must not be null");
+        }
+        pymoi::HostTime time;
+        std::string     error;
+        const int status =
+            pymoi::measure_host_time(*rows->rows, logits, n_sets, n_vocab, tokens, beta, top_k, n_tokens, &time, &error);
+        if (status != PYMOI_OK) return to_status(status, error);
+        out->select_us  = time.select_us;
+        out->weights_us = time.weights_us;
+        out->mix_us     = time.mix_us;
+        return PYMOI_OK;
+    });
+}
+
 pymoi_status pymoi_lora_changes_token_embeddings(const char * lora_path, bool * out_changes) {
     return guarded([&] {
         if (lora_path == nullptr || out_changes == nullptr) {

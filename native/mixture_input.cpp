@@ -1,6 +1,7 @@
 #include "mixture_input.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "architecture.h"
 #include "embedding_batch.h"
@@ -99,22 +100,75 @@ void MixtureInput::token_row(llama_token token, float scale, MixtureScratch & sc
 
 void MixtureInput::mix(const int32_t * ids, const float * weights, int32_t n, float scale, MixtureScratch & scratch,
                        float * out) const {
-    const int32_t n_row = static_cast<int32_t>(rows_->n_embd());
-    std::fill(out, out + n_embd_, 0.0f);
+    mix_rows(*rows_, ids, weights, n, scale, scratch.row.data(), out, n_embd_);
+}
+
+void mix_rows(const EmbeddingRows & rows, const int32_t * ids, const float * weights, int32_t n, float scale,
+              float * row, float * out, int32_t n_out) {
+    const int32_t n_row = static_cast<int32_t>(rows.n_embd());
+    std::fill(out, out + n_out, 0.0f);
     for (int32_t i = 0; i < n; ++i) {
         const float w = weights[i];
         if (w == 0.0f) continue;
-        rows_->dequantise(ids[i], scratch.row.data());
+        rows.dequantise(ids[i], row);
         for (int32_t j = 0; j < n_row; ++j) {
-            out[j] += w * scratch.row[static_cast<size_t>(j)];
+            out[j] += w * row[j];
         }
     }
-    rows_->release_pages();
+    rows.release_pages();
     if (scale != 1.0f) {
         for (int32_t j = 0; j < n_row; ++j) {
             out[j] *= scale;
         }
     }
+}
+
+int measure_host_time(const EmbeddingRows & rows, const float * logits, int32_t n_sets, int32_t n_vocab,
+                      const int32_t * tokens, float beta, int32_t top_k, int32_t n_tokens, HostTime * out,
+                      std::string * error) {
+    if (n_sets < 1 || n_tokens < 1 || n_vocab < 1 || n_vocab > rows.n_vocab()) {
+        *error = "host-time measurement needs n_sets >= 1, n_tokens >= 1 and 1 <= n_vocab <= " +
+                 std::to_string(rows.n_vocab());
+        return PYMOI_ERR_INVALID_ARGUMENT;
+    }
+    if (!beta_is_valid(beta) || top_k < 1 || top_k > n_vocab) {
+        *error = "host-time measurement needs a valid beta and 1 <= top_k <= n_vocab";
+        return PYMOI_ERR_INVALID_ARGUMENT;
+    }
+    for (int32_t s = 0; s < n_sets; ++s) {
+        if (tokens[s] < 0 || tokens[s] >= n_vocab) {
+            *error = "sampled token " + std::to_string(tokens[s]) + " is outside the vocabulary";
+            return PYMOI_ERR_INVALID_ARGUMENT;
+        }
+    }
+    using clock = std::chrono::steady_clock;
+    std::vector<int32_t> ids(static_cast<size_t>(top_k) + 1);
+    std::vector<float>   weights(static_cast<size_t>(top_k) + 1);
+    std::vector<float>   row(static_cast<size_t>(rows.n_embd()));
+    std::vector<float>   mixed(static_cast<size_t>(rows.n_embd()));
+    clock::duration      select{}, weigh{}, mix{};
+    for (int32_t t = 0; t < n_tokens; ++t) {
+        const int32_t s = t % n_sets;
+        const float * z = logits + static_cast<size_t>(s) * static_cast<size_t>(n_vocab);
+        const auto    t0 = clock::now();
+        select_top_k(z, n_vocab, top_k, ids.data());
+        const auto    t1 = clock::now();
+        const int32_t n  = mixture_weights(z, top_k, tokens[s], beta, ids.data(), weights.data(), error);
+        const auto    t2 = clock::now();
+        if (n < 0) return PYMOI_ERR_INVALID_ARGUMENT;
+        mix_rows(rows, ids.data(), weights.data(), n, 1.0f, row.data(), mixed.data(), static_cast<int32_t>(mixed.size()));
+        const auto t3 = clock::now();
+        select += t1 - t0;
+        weigh += t2 - t1;
+        mix += t3 - t2;
+    }
+    const auto per_token = [n_tokens](clock::duration d) {
+        return std::chrono::duration<double, std::micro>(d).count() / n_tokens;
+    };
+    out->select_us  = per_token(select);
+    out->weights_us = per_token(weigh);
+    out->mix_us     = per_token(mix);
+    return PYMOI_OK;
 }
 
 }  // namespace pymoi

@@ -13,6 +13,25 @@
 
 namespace pymoi {
 
+// out[0..n_out) = scale * sum_i weights[i] * row(ids[i]), zero-padded past the
+// row width; `row` is scratch of rows.n_embd() floats. Zero weights read no row.
+void mix_rows(const EmbeddingRows & rows, const int32_t * ids, const float * weights, int32_t n, float scale,
+              float * row, float * out, int32_t n_out);
+
+// Per-token host time of the MoI step outside llama_decode, measured on `rows`
+// with caller-supplied logits: top-K selection, weights, and the mixed row.
+struct HostTime {
+    double select_us  = 0.0;
+    double weights_us = 0.0;
+    double mix_us     = 0.0;
+};
+
+// Runs n_tokens steps, step t on logits set t % n_sets (n_vocab floats each) and
+// sampled token tokens[t % n_sets]. Returns a pymoi_status; `error` is set on failure.
+int measure_host_time(const EmbeddingRows & rows, const float * logits, int32_t n_sets, int32_t n_vocab,
+                      const int32_t * tokens, float beta, int32_t top_k, int32_t n_tokens, HostTime * out,
+                      std::string * error);
+
 // Working space of one thread building mixtures: sized once, reused every step.
 struct MixtureScratch {
     std::vector<int32_t> ids;

@@ -84,6 +84,23 @@ PYMOI_API pymoi_status pymoi_embedding_rows_info_get(const pymoi_embedding_rows 
 // Writes the n_embd floats of row `token` to out.
 PYMOI_API pymoi_status pymoi_embedding_rows_dequantise(const pymoi_embedding_rows * rows, int32_t token, float * out);
 
+// Host time per generated token that MoI adds beyond stock sampling, measured
+// on real embedding rows: what a step spends outside llama_decode and the
+// sampler chain, so what a GPU build would see on top of stock decoding.
+typedef struct pymoi_host_time {
+    double select_us;   // top-K selection over the vocabulary
+    double weights_us;  // prior, entropy and weights of the K (+1) entries
+    double mix_us;      // dequantising and summing the weighted rows
+} pymoi_host_time;
+
+// Runs n_tokens MoI steps without decoding: step t takes logits set t % n_sets
+// (`logits` holds n_sets x n_vocab floats, n_vocab <= the rows' vocabulary) and
+// sampled token tokens[t % n_sets], selects the top_k candidates, weighs them for
+// beta and mixes their rows. Writes the mean microseconds per step of each part.
+PYMOI_API pymoi_status pymoi_host_time_measure(
+        const pymoi_embedding_rows * rows, const float * logits, int32_t n_sets, int32_t n_vocab,
+        const llama_token * tokens, float beta, int32_t top_k, int32_t n_tokens, pymoi_host_time * out);
+
 // Whether the LoRA adapter file at `lora_path` changes the token embeddings
 // (has tensors for token_embd.weight): llama.cpp adds its delta on the token
 // path only, so a mixture of inputs would silently leave it out.

@@ -45,6 +45,14 @@ class session_info(ctypes.Structure):
     ]
 
 
+class host_time(ctypes.Structure):
+    _fields_ = [
+        ("select_us", ctypes.c_double),
+        ("weights_us", ctypes.c_double),
+        ("mix_us", ctypes.c_double),
+    ]
+
+
 def _library_path() -> pathlib.Path:
     names = {"win32": "pymoi.dll", "darwin": "libpymoi.dylib"}
     return pathlib.Path(__file__).with_name(names.get(sys.platform, "libpymoi.so"))
@@ -75,6 +83,11 @@ def _load() -> ctypes.CDLL:
         "pymoi_embedding_rows_free": ([ctypes.c_void_p], None),
         "pymoi_embedding_rows_info_get": ([ctypes.c_void_p, ctypes.POINTER(embedding_rows_info)], ctypes.c_int),
         "pymoi_embedding_rows_dequantise": ([ctypes.c_void_p, ctypes.c_int32, c_float_p], ctypes.c_int),
+        "pymoi_host_time_measure": (
+            [ctypes.c_void_p, c_float_p, ctypes.c_int32, ctypes.c_int32, c_int32_p, ctypes.c_float, ctypes.c_int32,
+             ctypes.c_int32, ctypes.POINTER(host_time)],
+            ctypes.c_int,
+        ),
         "pymoi_lora_changes_token_embeddings": ([ctypes.c_char_p, ctypes.POINTER(ctypes.c_bool)], ctypes.c_int),
         "pymoi_session_open": (
             [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)],

@@ -13,9 +13,13 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
+import ctypes
+
 import llama_cpp
 import numpy as np
 
+from ._native import check, host_time, lib
+from .embedding_rows import EmbeddingRows
 from .llama import Llama
 from .reporting import Progress, pyplot
 
@@ -125,6 +129,59 @@ def peak_rss_mib() -> float:
     except OSError:
         pass
     return float("nan")
+
+
+HOST_TIME_PARTS = ("select_us", "weights_us", "mix_us")
+
+
+def random_logit_sets(n_vocab: int, n_sets: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n_sets rows of random raw logits (normal, sd 3) and, for each, a token drawn as the default
+    sampler chain would (temperature 0.8 over the top 40)."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((n_sets, n_vocab)) * 3).astype(np.float32)
+    tokens = np.empty(n_sets, dtype=np.int32)
+    for s in range(n_sets):
+        top = np.argpartition(logits[s], -40)[-40:] if n_vocab > 40 else np.arange(n_vocab)
+        p = np.exp((logits[s, top] - logits[s, top].max()) / 0.8)
+        tokens[s] = top[rng.choice(top.size, p=p / p.sum())]
+    return logits, tokens
+
+
+def measure_host_time(
+    model: str, top_k: int = 20, beta: float = 1.0, n_tokens: int = 1000, repeats: int = 7, n_sets: int = 8
+) -> dict[str, Any]:
+    """Microseconds per generated token that MoI adds on the host beyond stock sampling (top-K selection,
+    weights, dequantising and mixing the K+1 rows), on the model's own vocabulary and embedding rows with
+    random logits. Each of `repeats` runs times n_tokens steps cycling over n_sets logit vectors (so the
+    logits are not all in cache); the median and the minimum over runs are reported per part and in total."""
+    with EmbeddingRows(model) as rows:
+        logits, tokens = random_logit_sets(rows.n_vocab, n_sets)
+        runs: list[dict[str, float]] = []
+        for _ in range(repeats):
+            out = host_time()
+            check(
+                lib.pymoi_host_time_measure(
+                    rows._handle, logits.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n_sets, rows.n_vocab,
+                    tokens.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), beta, top_k, n_tokens, ctypes.byref(out),
+                )
+            )  # fmt: skip
+            run = {part: float(getattr(out, part)) for part in HOST_TIME_PARTS}
+            run["total_us"] = sum(run.values())
+            runs.append(run)
+        result: dict[str, Any] = {"n_vocab": rows.n_vocab, "n_embd": rows.n_embd, "top_k": top_k, "tokens": n_tokens}
+    for part in (*HOST_TIME_PARTS, "total_us"):
+        values = [run[part] for run in runs]
+        result[part] = {"median": statistics.median(values), "min": min(values), "runs": values}
+    return result
+
+
+def format_host_time(model: str, host: dict[str, Any]) -> str:
+    """One line: the host time MoI adds per token, total and by part (medians, with the minimum)."""
+    parts = ", ".join(f"{part[:-3]} {host[part]['median']:.1f}" for part in HOST_TIME_PARTS)
+    return (
+        f"MoI host time per token, {os.path.basename(model)} (vocabulary {host['n_vocab']}, K={host['top_k']}): "
+        f"{host['total_us']['median']:.1f} us median (min {host['total_us']['min']:.1f}; {parts})"
+    )
 
 
 @dataclasses.dataclass
