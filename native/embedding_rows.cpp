@@ -83,16 +83,6 @@ void * map_file(const std::string & path, size_t * size) {
 #endif
 }
 
-size_t page_size() {
-#if defined(_WIN32)
-    SYSTEM_INFO info;
-    GetSystemInfo(&info);
-    return info.dwAllocationGranularity;
-#else
-    return static_cast<size_t>(sysconf(_SC_PAGESIZE));
-#endif
-}
-
 void unmap_file(void * base, size_t size) {
 #if defined(_WIN32)
     (void) size;
@@ -204,11 +194,7 @@ std::unique_ptr<EmbeddingRows> EmbeddingRows::open(const std::string & path, int
                  std::to_string(offset + nbytes) + " of a " + std::to_string(rows->mapping_size_) + "-byte file";
         return nullptr;
     }
-    rows->first_row_        = static_cast<const uint8_t *>(rows->mapping_) + offset;
-    const size_t page       = page_size();
-    const size_t page_begin = offset / page * page;
-    rows->pages_begin_      = static_cast<const uint8_t *>(rows->mapping_) + page_begin;
-    rows->pages_size_       = offset + nbytes - page_begin;
+    rows->first_row_ = static_cast<const uint8_t *>(rows->mapping_) + offset;
     return rows;
 }
 
@@ -223,14 +209,6 @@ void EmbeddingRows::dequantise(int32_t token, float * out) const {
     } else {
         to_float_(row, out, n_embd_);
     }
-}
-
-void EmbeddingRows::release_pages() const {
-#if defined(_WIN32)
-    // Windows trims a read-only view's working set on its own.
-#else
-    madvise(const_cast<uint8_t *>(pages_begin_), pages_size_, MADV_DONTNEED);
-#endif
 }
 
 }  // namespace pymoi

@@ -32,19 +32,12 @@ class EmbeddingRows {
     // Dequantises row `token` into `out` (n_embd floats).
     void dequantise(int32_t token, float * out) const;
 
-    // Unmaps the pages read so far from this process (the page cache keeps them).
-    // The kernel maps pages around each one read, and llama.cpp maps the same
-    // file, so without this the process's RSS counts the rows twice.
-    void release_pages() const;
-
   private:
     EmbeddingRows() = default;
 
     void *              mapping_      = nullptr;
     size_t              mapping_size_ = 0;
     const uint8_t *     first_row_    = nullptr;
-    const uint8_t *     pages_begin_  = nullptr;  // page-aligned span of the matrix
-    size_t              pages_size_   = 0;
     size_t              row_size_     = 0;
     int64_t             n_embd_       = 0;
     int64_t             n_vocab_      = 0;

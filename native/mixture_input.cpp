@@ -115,7 +115,6 @@ void mix_rows(const EmbeddingRows & rows, const int32_t * ids, const float * wei
             out[j] += w * row[j];
         }
     }
-    rows.release_pages();
     if (scale != 1.0f) {
         for (int32_t j = 0; j < n_row; ++j) {
             out[j] *= scale;
