@@ -127,14 +127,14 @@ ProbeVerdict run_probe(const llama_model * model, const MixtureInput & input) {
         }
         const std::vector<float> actual = decode_last(guard.ctx, rows.view(), n_vocab, &ret);
         if (actual.empty()) {
-                verdict.reason = "llama_decode of embedding rows failed (status " + std::to_string(ret) + ")";
+            verdict.reason = "llama_decode of embedding rows failed (status " + std::to_string(ret) + ")";
             return verdict;
         }
         float       max_abs = 0.0f;
         const float diff    = max_difference(expected, actual, &max_abs);
         const bool  equal   = verdict.exact ? diff == 0.0f : diff <= kBackendTolerance * std::max(1.0f, max_abs);
         if (equal) {
-                verdict.supported   = true;
+            verdict.supported   = true;
             verdict.input_scale = scale;
             return verdict;
         }
