@@ -150,3 +150,34 @@ def test_drop_in_loads_modes_without_generation_as_stock(option: str, smollm2_pa
                 stock.close()
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("cache_kind", ["ram", "disk"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_caches_hold_token_positions_only(cache_kind: str, stream: bool, smollm2_path: str, tmp_path: pathlib.Path) -> None:
+    def cache() -> llama_cpp.BaseLlamaCache:
+        return llama_cpp.LlamaRAMCache() if cache_kind == "ram" else llama_cpp.LlamaDiskCache(str(tmp_path / "cache"))
+
+    def completion(llm: llama_cpp.Llama, prompt: str) -> str:
+        result = llm.create_completion(prompt, max_tokens=12, temperature=0.0, stream=stream)
+        return "".join(chunk["choices"][0]["text"] for chunk in result) if stream else result["choices"][0]["text"]
+
+    first, other = "The old lighthouse keeper climbed", "A recipe for bread needs"
+    llm = pymoi_cpp.Llama(smollm2_path, n_ctx=512, verbose=False, beta=1.0)
+    try:
+        llm.set_cache(cache())
+        completion(llm, first)
+        completion(llm, other)
+        saved = list(llm.cache.cache_state.values()) if cache_kind == "ram" else [llm.cache.cache[key] for key in llm.cache.cache]
+        assert len(saved) == 2
+        for state in saved:
+            # a state holds the prompt (mixed positions dropped); its token list is the completion's key
+            assert state.n_tokens in (len(llm.tokenize(first.encode())), len(llm.tokenize(other.encode())))
+        reused = completion(llm, first + " the stairs")
+    finally:
+        llm.close()
+    fresh = pymoi_cpp.Llama(smollm2_path, n_ctx=512, verbose=False, beta=1.0)
+    try:
+        assert reused == completion(fresh, first + " the stairs")
+    finally:
+        fresh.close()
