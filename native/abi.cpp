@@ -92,6 +92,18 @@ pymoi_status pymoi_mixture_weights(const float * logits, int32_t n_vocab, int32_
     });
 }
 
+pymoi_status pymoi_select_top_k(const float * logits, int32_t n_vocab, int32_t top_k, int32_t * out_ids) {
+    if (logits == nullptr || out_ids == nullptr) {
+        return fail(PYMOI_ERR_INVALID_ARGUMENT, "logits and out_ids must not be null");
+    }
+    if (n_vocab < 1 || top_k < 1 || top_k > n_vocab) {
+        return fail(PYMOI_ERR_INVALID_ARGUMENT, "top_k must be between 1 and n_vocab >= 1; got top_k " +
+                                                    std::to_string(top_k) + ", n_vocab " + std::to_string(n_vocab));
+    }
+    pymoi::select_top_k(logits, n_vocab, top_k, out_ids);
+    return PYMOI_OK;
+}
+
 bool pymoi_denied_architecture(int32_t i, const char ** out_architecture, const char ** out_reason) {
     size_t                            count   = 0;
     const pymoi::DeniedArchitecture * entries = pymoi::denied_architectures(&count);

@@ -4,6 +4,12 @@
 #include <cmath>
 #include <limits>
 
+#if defined(__SSE__) || defined(_M_X64) || (defined(_M_IX86_FP) && _M_IX86_FP >= 1)
+#    include <xmmintrin.h>
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#    include <arm_neon.h>
+#endif
+
 namespace pymoi {
 
 bool beta_is_direct_mixture(float beta) {
@@ -23,6 +29,39 @@ float rank_value(float logit) {
     return std::isnan(logit) ? -std::numeric_limits<float>::infinity() : logit;
 }
 
+// Whether any of the kBlock logits from `z` is greater than `threshold` (NaN is not).
+// One vector pass rejects a whole block: once the heap is full, most blocks of a
+// vocabulary hold nothing above its worst kept logit.
+constexpr int32_t kBlock = 32;
+
+#if defined(__SSE__) || defined(_M_X64) || (defined(_M_IX86_FP) && _M_IX86_FP >= 1)
+bool any_greater(const float * z, float threshold) {
+    const __m128 t   = _mm_set1_ps(threshold);
+    __m128       acc = _mm_cmpgt_ps(_mm_loadu_ps(z), t);
+    for (int32_t j = 4; j < kBlock; j += 4) {
+        acc = _mm_or_ps(acc, _mm_cmpgt_ps(_mm_loadu_ps(z + j), t));
+    }
+    return _mm_movemask_ps(acc) != 0;
+}
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+bool any_greater(const float * z, float threshold) {
+    const float32x4_t t   = vdupq_n_f32(threshold);
+    uint32x4_t        acc = vcgtq_f32(vld1q_f32(z), t);
+    for (int32_t j = 4; j < kBlock; j += 4) {
+        acc = vorrq_u32(acc, vcgtq_f32(vld1q_f32(z + j), t));
+    }
+    return vmaxvq_u32(acc) != 0;
+}
+#else
+bool any_greater(const float * z, float threshold) {
+    bool any = false;
+    for (int32_t j = 0; j < kBlock; ++j) {
+        any |= z[j] > threshold;
+    }
+    return any;
+}
+#endif
+
 }  // namespace
 
 void select_top_k(const float * logits, int32_t n_vocab, int32_t k, int32_t * ids) {
@@ -38,14 +77,26 @@ void select_top_k(const float * logits, int32_t n_vocab, int32_t k, int32_t * id
     }
     std::make_heap(ids, ids + k, better);
     float threshold = rank_value(logits[ids[0]]);
-    for (int32_t i = k; i < n_vocab; ++i) {
-        // Later ids lose ties, so only a strictly larger logit gets in.
+    // Later ids lose ties, so only a strictly larger logit gets in (NaN never does).
+    auto consider = [&](int32_t i) {
         if (logits[i] > threshold) {
             std::pop_heap(ids, ids + k, better);
             ids[k - 1] = i;
             std::push_heap(ids, ids + k, better);
             threshold = rank_value(logits[ids[0]]);
         }
+    };
+    // Blocks that any_greater() rejects hold no logit that would enter the heap:
+    // skipping them gives the same heap as considering every logit in turn.
+    int32_t i = k;
+    for (; i + kBlock <= n_vocab; i += kBlock) {
+        if (!any_greater(logits + i, threshold)) continue;
+        for (int32_t j = i; j < i + kBlock; ++j) {
+            consider(j);
+        }
+    }
+    for (; i < n_vocab; ++i) {
+        consider(i);
     }
     std::sort_heap(ids, ids + k, better);
 }

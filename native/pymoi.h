@@ -62,6 +62,11 @@ PYMOI_API pymoi_status pymoi_mixture_weights(
         const float * logits, int32_t n_vocab, int32_t token, float beta, int32_t top_k,
         int32_t * out_ids, float * out_weights, int32_t * out_n);
 
+// The top_k candidates of pymoi_mixture_weights alone: ids of the top_k highest
+// logits, best first, lower id first on ties, NaN ranked as -infinity (so any
+// logits, +/-inf and NaN included, have an answer). out_ids has top_k entries.
+PYMOI_API pymoi_status pymoi_select_top_k(const float * logits, int32_t n_vocab, int32_t top_k, int32_t * out_ids);
+
 // Entry i of the deny list: architectures (GGUF general.architecture) whose
 // graph aborts on embedding input, so that the input probe cannot run on them.
 // Writes static strings and returns true for 0 <= i < the list's length;

@@ -75,6 +75,7 @@ def _load() -> ctypes.CDLL:
             [c_float_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_int32, c_int32_p, c_float_p, c_int32_p],
             ctypes.c_int,
         ),
+        "pymoi_select_top_k": ([c_float_p, ctypes.c_int32, ctypes.c_int32, c_int32_p], ctypes.c_int),
         "pymoi_denied_architecture": (
             [ctypes.c_int32, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_char_p)],
             ctypes.c_bool,
