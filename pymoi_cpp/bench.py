@@ -60,6 +60,7 @@ class Configuration:
     run: Callable[[], Timing]
     timings: list[Timing] = dataclasses.field(default_factory=list)
     peak_rss_mib: Optional[float] = None
+    pss_mib: Optional[float] = None  # proportional set size after the run: pages shared between mappings counted once
 
 
 def bare_decode_loop(llm: llama_cpp.Llama, prompt: list[int], n_tokens: int, n_seq: int) -> Timing:
@@ -184,6 +185,21 @@ def format_host_time(model: str, host: dict[str, Any]) -> str:
     )
 
 
+def pss_mib() -> float:
+    """Pss of this process in MiB from /proc/self/smaps_rollup (Linux); NaN elsewhere.
+
+    Unlike RSS, PSS counts a page of the model file once when both llama.cpp's mapping
+    and pymoi's embedding-rows mapping hold it."""
+    try:
+        with open("/proc/self/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 @dataclasses.dataclass
 class Settings:
     model: str
@@ -258,8 +274,8 @@ def configurations(settings: Settings, only: Optional[str] = None) -> list[Confi
     return configs
 
 
-def child_peak_rss(settings: Settings, config: Configuration) -> float:
-    """Peak RSS of a fresh process that loads what `config` needs and runs it once."""
+def child_memory(settings: Settings, config: Configuration) -> tuple[float, float]:
+    """Peak RSS and final PSS (MiB) of a fresh process that loads what `config` needs and runs it once."""
     arguments = [sys.executable, "-m", "pymoi_cpp.bench", config.name, json.dumps(dataclasses.asdict(settings))]
     # Run from the folder this package was imported from, so that `-m` finds this very package
     # (not a source tree in the working directory).
@@ -267,17 +283,18 @@ def child_peak_rss(settings: Settings, config: Configuration) -> float:
     result = subprocess.run(arguments, capture_output=True, text=True, timeout=600, cwd=here)
     if result.returncode != 0:
         raise RuntimeError(f"the memory run of '{config.name}' failed: {result.stderr.strip()[-300:]}")
-    return float(result.stdout.strip().splitlines()[-1])
+    memory = json.loads(result.stdout.strip().splitlines()[-1])
+    return float(memory["peak_rss_mib"]), float(memory["pss_mib"])
 
 
 def _child(argv: list[str]) -> None:
-    """Entry of a memory-measuring process: runs one configuration alone, prints its peak RSS in MiB."""
+    """Entry of a memory-measuring process: runs one configuration alone, prints its peak RSS and PSS in MiB."""
     name, raw_settings = argv
     values = json.loads(raw_settings)
     values["batch_sizes"] = tuple(values["batch_sizes"])
     (config,) = configurations(Settings(**values), only=name)
     config.run()
-    print(peak_rss_mib())
+    print(json.dumps({"peak_rss_mib": peak_rss_mib(), "pss_mib": pss_mib()}))
 
 
 def summary(values: Sequence[float]) -> dict[str, Any]:
@@ -325,9 +342,10 @@ def run_benchmark(settings: Settings) -> dict[str, Any]:
             progress.advance(f"round {round_index + 1} {config.name}")
     if settings.measure_memory:
         for config in configs:
-            config.peak_rss_mib = child_peak_rss(settings, config)
+            config.peak_rss_mib, config.pss_mib = child_memory(settings, config)
             progress.advance(f"memory {config.name}")
     result = report(settings, configs)
+    result["host_time_us"] = measure_host_time(settings.model)
     if settings.chat_turns:
         result["chat_first_token_s"] = chat_first_token_times(settings)
     return result
@@ -347,6 +365,7 @@ def report(settings: Settings, configs: list[Configuration]) -> dict[str, Any]:
             "prompt_tokens_per_s": summary([t.prompt_tokens_per_s for t in c.timings]),
             "time_to_first_token_s": summary([t.first_token_s for t in c.timings]),
             "peak_rss_mib": c.peak_rss_mib,
+            "pss_mib": c.pss_mib,
             "vs_raw": decode[c.name] / (batched_raw[c.batch] if c.kind.startswith("batched") else single_raw),
             "vs_stock": decode[c.name] / decode["stock llama_cpp.Llama"],
         }
@@ -378,16 +397,20 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"{os.path.basename(result['model'])}: {result['settings']['tokens']} tokens x {result['settings']['rounds']} rounds, "
         f"threads {result['settings']['threads'] or 'default'}, medians (min-max)",
-        f"{'configuration':<24}{'decode tok/s':>22}{'vs raw':>8}{'vs stock':>9}{'prompt tok/s':>14}{'TTFT ms':>9}{'peak MiB':>10}",
+        f"{'configuration':<24}{'decode tok/s':>22}{'vs raw':>8}{'vs stock':>9}{'prompt tok/s':>14}{'TTFT ms':>9}{'peak MiB':>10}{'PSS MiB':>9}",
     ]
     for row in result["configurations"]:
         d = row["decode_tokens_per_s"]
-        rss = row["peak_rss_mib"]
+        rss, pss = row["peak_rss_mib"], row.get("pss_mib")
         lines.append(
             f"{row['name']:<24}{d['median']:>9.1f} ({d['min']:.1f}-{d['max']:.1f})".ljust(46)
             + f"{row['vs_raw']:>8.3f}{row['vs_stock']:>9.3f}{row['prompt_tokens_per_s']['median']:>14.1f}"
             + f"{1000 * row['time_to_first_token_s']['median']:>9.1f}{'' if rss is None else f'{rss:.1f}':>10}"
+            + f"{'' if pss is None else f'{pss:.1f}':>9}"
         )
+    host = result.get("host_time_us")
+    if host:
+        lines.append(format_host_time(result["model"], host))
     chat = result.get("chat_first_token_s")
     if chat:
         lines.append(f"chat, first-token time per turn (s), {result['settings']['tokens']} tokens a reply:")

@@ -40,6 +40,8 @@ def test_bench_writes_every_field(smollm2_path: str, tmp_path: pathlib.Path) -> 
             assert len(stats["rounds"]) == 2
             assert 0 < stats["min"] <= stats["median"] <= stats["max"]
         assert row["peak_rss_mib"] > 50
+        # PSS counts shared pages in part, so it lies below the peak RSS, and the model is loaded.
+        assert 20 < row["pss_mib"] <= row["peak_rss_mib"]
         assert row["vs_raw"] > 0 and row["vs_stock"] > 0
         assert row["name"] in result.stdout
     stock = next(r for r in data["configurations"] if r["kind"] == "stock")
@@ -50,6 +52,12 @@ def test_bench_writes_every_field(smollm2_path: str, tmp_path: pathlib.Path) -> 
     chat = data["chat_first_token_s"]
     assert set(chat) == {"stock", "moi"} and all(len(times) == 3 and min(times) > 0 for times in chat.values())
     assert "first-token time per turn" in result.stdout
+    host = data["host_time_us"]
+    assert host["n_vocab"] == 49152 and host["n_embd"] == 576 and host["top_k"] == 20
+    for part in ("select_us", "weights_us", "mix_us"):
+        assert 0 < host[part]["min"] <= host[part]["median"]
+    assert host["total_us"]["median"] >= host["select_us"]["median"]
+    assert "MoI host time per token" in result.stdout and "vocabulary 49152" in result.stdout
 
 
 def test_bench_bad_arguments(tmp_path: pathlib.Path) -> None:
