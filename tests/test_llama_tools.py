@@ -477,30 +477,32 @@ def test_hostile_request_bodies(moi_server: Server) -> None:
         assert alive(moi_server), fields
 
 
-def test_lora_on_token_embeddings_refuses_moi(tools: dict[str, pathlib.Path], smollm2_path: str, tmp_path: pathlib.Path) -> None:
+def test_lora_on_token_embeddings_refuses_moi(tools: dict[str, pathlib.Path], tmp_path: pathlib.Path) -> None:
     import numpy as np
 
-    from tiny_models import write_lora
+    from tiny_models import write_lora, write_tiny_model
 
-    rank, n_vocab, n_embd = 4, 49152, 576
+    # a model with its own output matrix: llama.cpp aborts on a token_embd adapter of a tied model
+    model = str(write_tiny_model(tmp_path / "tiny.gguf", "llama"))
+    rank, n_vocab, n_embd = 4, 300, 64
     lora = write_lora(
-        tmp_path / "smollm2-embd-lora.gguf",
+        tmp_path / "embd-lora.gguf",
         {
             "token_embd.weight.lora_a": np.full((n_vocab, rank), 0.01, dtype=np.float32),
             "token_embd.weight.lora_b": np.full((n_embd, rank), 0.01, dtype=np.float32),
         },
     )
     run = subprocess.run(
-        [str(tools["llama-server"]), "-m", smollm2_path, "--port", str(free_port()), "--lora", str(lora), "--moi-beta", "1"],
+        [str(tools["llama-server"]), "-m", model, "--port", str(free_port()), "--lora", str(lora), "--moi-beta", "1"],
         capture_output=True, text=True, timeout=120,
     )
     assert run.returncode != 0
     assert "changes the token embeddings" in run.stdout + run.stderr
-    server = Server(tools["llama-server"], smollm2_path, "--lora", str(lora))
+    server = Server(tools["llama-server"], model, "--lora", str(lora))
     try:
-        status, reply = server.post("/completion", {"prompt": PROMPT, "n_predict": 4, "moi_beta": 1})
+        status, reply = server.post("/completion", {"prompt": [1, 17, 42], "n_predict": 4, "moi_beta": 1})
         assert status == 400 and "LoRA adapter" in reply["error"]["message"], reply
-        assert server.complete(PROMPT, n_predict=4)
+        assert server.complete([1, 17, 42], n_predict=4)
     finally:
         server.stop()
 
