@@ -509,16 +509,15 @@ def test_lora_on_token_embeddings_refuses_moi(tools: dict[str, pathlib.Path], tm
 
 def test_moi_over_rpc(tools: dict[str, pathlib.Path], smollm2_path: str, stock_server: Server, prompt_tokens: list[int]) -> None:
     port = free_port()
-    rpc = subprocess.Popen(
-        [str(tools["ggml-rpc-server"]), "-H", "127.0.0.1", "-p", str(port), "-t", "2"],
+    rpc = subprocess.Popen(  # stdbuf: the RPC server logs its connections to a line-buffered stdout
+        ["stdbuf", "-oL", str(tools["ggml-rpc-server"]), "-H", "127.0.0.1", "-p", str(port), "-t", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         time.sleep(1.0)
-        assert rpc.poll() is None, rpc.stdout.read() if rpc.stdout else ""
+        assert rpc.poll() is None, rpc.communicate()[0]
         server = Server(tools["llama-server"], smollm2_path, "--rpc", f"127.0.0.1:{port}", "-ngl", "99")
         try:
-            assert "RPC" in server.output()
             assert server.complete(prompt_tokens, moi_beta=1, moi_top_k=1) == stock_server.complete(prompt_tokens)
             status, reply = server.post("/completion", server.greedy(prompt_tokens, {"moi_beta": 1.0}))
             assert status == 200 and len(reply["tokens"]) == N_PREDICT, reply
@@ -526,4 +525,5 @@ def test_moi_over_rpc(tools: dict[str, pathlib.Path], smollm2_path: str, stock_s
             server.stop()
     finally:
         rpc.terminate()
-        rpc.wait(timeout=20)
+        output = rpc.communicate(timeout=20)[0]
+    assert "Accepted client connection" in output, output
