@@ -302,10 +302,16 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
 
 
 def chat_first_token_times(settings: Settings) -> dict[str, list[float]]:
-    """Seconds to the first streamed text of each turn of a chat, on a stock and a MoI instance
-    (beta 1), turn by turn side by side; each keeps its own history and cache."""
+    """Seconds to the first streamed text of each turn of a chat, on a stock and two MoI instances
+    (beta 1), turn by turn side by side; each keeps its own history and cache. "moi-settled"
+    settles each reply (Llama.settle_reply) between turns, untimed, as `pymoi chat` does while
+    the user types; "moi" evaluates the previous reply as part of the next prompt."""
     common = dict(n_ctx=CHAT_N_CTX, n_threads=settings.threads, n_threads_batch=settings.threads, seed=1, verbose=False)
-    models = {"stock": llama_cpp.Llama(settings.model, **common), "moi": Llama(settings.model, beta=1.0, **common)}
+    models = {
+        "stock": llama_cpp.Llama(settings.model, **common),
+        "moi": Llama(settings.model, beta=1.0, **common),
+        "moi-settled": Llama(settings.model, beta=1.0, **common),
+    }
     histories: dict[str, list[dict[str, str]]] = {name: [] for name in models}
     times: dict[str, list[float]] = {name: [] for name in models}
     try:
@@ -323,6 +329,8 @@ def chat_first_token_times(settings: Settings) -> dict[str, list[float]]:
                         reply.append(text)
                 times[name].append(first if first is not None else time.perf_counter() - start)
                 histories[name] = messages + [{"role": "assistant", "content": "".join(reply)}]
+                if name == "moi-settled":
+                    llm.settle_reply()
     finally:
         for llm in models.values():
             llm.close()
@@ -414,9 +422,9 @@ def format_table(result: dict[str, Any]) -> str:
     chat = result.get("chat_first_token_s")
     if chat:
         lines.append(f"chat, first-token time per turn (s), {result['settings']['tokens']} tokens a reply:")
-        lines.append("turn    " + "".join(f"{turn + 1:>7}" for turn in range(len(chat["stock"]))))
-        for name in ("stock", "moi"):
-            lines.append(f"{name:<8}" + "".join(f"{seconds:>7.2f}" for seconds in chat[name]))
+        lines.append(f"{'turn':<12}" + "".join(f"{turn + 1:>7}" for turn in range(len(chat["stock"]))))
+        for name, seconds in chat.items():
+            lines.append(f"{name:<12}" + "".join(f"{value:>7.2f}" for value in seconds))
     return "\n".join(lines)
 
 

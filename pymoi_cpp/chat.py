@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Any, Optional
 
 from llama_cpp import llama_chat_format
@@ -64,6 +65,14 @@ class Chat:
         self.turns: list[dict[str, str]] = []
         self.prompt_length = PromptLength(llm)
         self.interrupt = StopOnInterrupt()
+        # Evaluates the last reply as tokens while the user types (see Llama.settle_reply).
+        self.settling: Optional[threading.Thread] = None
+
+    def settled(self) -> None:
+        """Waits until the last reply is settled; the model is free again."""
+        if self.settling is not None:
+            self.settling.join()
+            self.settling = None
 
     def run(self) -> int:
         """Reads lines until /quit or end of input; returns the exit status."""
@@ -73,6 +82,13 @@ class Chat:
             pass
         name = os.path.basename(self.llm.model_path)
         print(f"Chat with {name}. /help lists the commands; Ctrl-C stops a reply, Ctrl-D or /quit leaves.")
+        try:
+            return self.loop()
+        finally:
+            self.settled()
+
+    def loop(self) -> int:
+        """Reads lines until /quit or end of input; returns the exit status."""
         while True:
             try:
                 line = input("> ")
@@ -85,11 +101,14 @@ class Chat:
             text = line.strip()
             if not text:
                 continue
+            self.settled()
             if text.startswith("/"):
                 if not self.command(text):
                     return EXIT_OK
                 continue
             self.reply(text)
+            self.settling = threading.Thread(target=self.llm.settle_reply, name="settle-reply")
+            self.settling.start()
 
     def command(self, text: str) -> bool:
         """Carries out an in-chat command; False means leave."""

@@ -146,6 +146,8 @@ class Llama(llama_cpp.Llama):
         self._moi_next_generate: Optional[MoiSettings] = None
         self._moi_mixed_from: Optional[int] = None
         self._moi_generation: Optional[object] = None
+        self._moi_reply: list[int] = []  # tokens of the latest MoI reply whose positions were dropped
+        self._moi_reply_from = 0
         self._moi_chat_choices = 1
         self._moi_interrupt: Optional[threading.Event] = None
         self._moi_chat_completion: Optional[dict[str, Any]] = None
@@ -554,11 +556,27 @@ class Llama(llama_cpp.Llama):
         self._moi_generation = None
         if self.n_tokens > mixed_from:
             if self._ctx.kv_cache_seq_rm(-1, mixed_from, -1):
+                self._moi_reply, self._moi_reply_from = self.input_ids[mixed_from : self.n_tokens].tolist(), mixed_from
                 self.n_tokens = mixed_from
             else:
                 self._forget_context()
         # The live logits belong to a mixed position, not to the token prefix.
         self._requires_eval = True
+
+    def settle_reply(self) -> int:
+        """Evaluates the latest MoI reply as tokens where its positions were fed mixtures (and dropped),
+        so that a prompt that repeats it, a chat's next turn, finds it cached; returns how many
+        tokens were evaluated.
+
+        Meant for idle time (`pymoi chat` runs it while the user types): otherwise the next
+        generation evaluates the reply as part of its prompt. Does nothing when the context no
+        longer ends where that reply began.
+        """
+        reply, self._moi_reply = self._moi_reply, []
+        if not reply or self.n_tokens != self._moi_reply_from or self._moi_mixed_from is not None:
+            return 0
+        self.eval(reply)
+        return len(reply)
 
     def _eval_prompt(self, tokens: list[int], reset: bool) -> None:
         """Brings the context to `tokens` as stock generate() does: the longest cached token

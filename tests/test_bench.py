@@ -50,7 +50,7 @@ def test_bench_writes_every_field(smollm2_path: str, tmp_path: pathlib.Path) -> 
     assert all(r["vs_raw"] == 1.0 for r in raw)
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     chat = data["chat_first_token_s"]
-    assert set(chat) == {"stock", "moi"} and all(len(times) == 3 and min(times) > 0 for times in chat.values())
+    assert set(chat) == {"stock", "moi", "moi-settled"} and all(len(times) == 3 and min(times) > 0 for times in chat.values())
     assert "first-token time per turn" in result.stdout
     host = data["host_time_us"]
     assert host["n_vocab"] == 49152 and host["n_embd"] == 576 and host["top_k"] == 20

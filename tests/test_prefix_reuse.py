@@ -67,6 +67,29 @@ def test_each_turn_evaluates_only_the_reply_and_the_new_message(model: str, requ
 
 
 @pytest.mark.parametrize("model", MODELS)
+def test_a_settled_reply_makes_a_turn_cost_what_it_costs_stock(model: str, request: pytest.FixtureRequest) -> None:
+    evaluated: dict[str, list[int]] = {}
+    for name, llm_class, kwargs in (("stock", llama_cpp.Llama, {}), ("moi", pymoi_cpp.Llama, {"beta": 1.0})):
+        llm = open_model(model, request, llm_class, **kwargs)
+        try:
+            counts = counting_eval(llm)
+            evaluated[name] = []
+            history = [llm.token_bos()]
+            for message in chat_turns(llm):
+                prompt = history + message
+                counts.clear()
+                reply = list(itertools.islice(llm.generate(prompt, temp=0.0), N_REPLY))
+                evaluated[name].append(counts[0])  # the prompt's evaluation, before the first token
+                history = prompt + reply
+                if name == "moi":
+                    assert llm.settle_reply() == N_REPLY - 1  # the last token was never fed back
+                    assert llm.settle_reply() == 0
+        finally:
+            llm.close()
+    assert evaluated["moi"] == evaluated["stock"]
+
+
+@pytest.mark.parametrize("model", MODELS)
 def test_exact_prompt_and_loaded_state_are_reused_as_stock_does(model: str, request: pytest.FixtureRequest) -> None:
     evaluated = {}
     for name, llm_class, kwargs in (("stock", llama_cpp.Llama, {}), ("moi", pymoi_cpp.Llama, {"beta": 1.0})):
