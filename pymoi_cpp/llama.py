@@ -583,11 +583,7 @@ class Llama(llama_cpp.Llama):
         prefix is kept (a prompt cached exactly, with live logits, is not evaluated again) and
         the rest evaluated; with reset=False `tokens` follow what the context holds."""
         if reset and self.n_tokens > 0:
-            longest = 0
-            for cached, token in zip(self._input_ids, tokens):
-                if cached != token:
-                    break
-                longest += 1
+            longest = self.longest_token_prefix(self._input_ids, tokens)
             consumed = longest == len(tokens)
             if consumed and self.n_tokens == len(tokens) and not self._requires_eval:
                 return
