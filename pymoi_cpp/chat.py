@@ -7,9 +7,8 @@ import sys
 import threading
 from typing import Any, Optional
 
-from llama_cpp import llama_chat_format
-
-from .cli import EXIT_OK, Status, Timer, describe_beta, describe_rate, parse_beta
+from .chat_format import chat_formatter
+from .console import EXIT_OK, Status, Timer, describe_beta, describe_rate, parse_beta
 from .reporting import StopOnInterrupt
 
 HELP = """\
@@ -25,19 +24,6 @@ Ctrl-C stops the reply being written."""
 REPLY_SHARE = 4
 # Tokens per message that a chat template adds, when the model has no template to measure it.
 TEMPLATE_OVERHEAD = 8
-
-
-def chat_formatter(llm: Any) -> Optional[llama_chat_format.Jinja2ChatFormatter]:
-    """The model's own chat template (from its GGUF metadata), or None when it has none."""
-    template = llm.metadata.get("tokenizer.chat_template")
-    if not template:
-        return None
-    vocab = llm._model
-    return llama_chat_format.Jinja2ChatFormatter(
-        template=template,
-        eos_token=vocab.token_get_text(llm.token_eos()) if llm.token_eos() != -1 else "",
-        bos_token=vocab.token_get_text(llm.token_bos()) if llm.token_bos() != -1 else "",
-    )
 
 
 class PromptLength:

@@ -7,11 +7,11 @@ import json
 import math
 import os
 import sys
-import threading
 import time
-from typing import Any, Callable, Iterator, Optional, TextIO
+from typing import Any, Callable, Iterator, Optional
 
 from . import __version__
+from .console import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Status, Timer, describe_beta, describe_rate, parse_beta
 
 DESCRIPTION = """\
 Mixture of Inputs (MoI) decoding for GGUF models with llama.cpp.
@@ -32,34 +32,12 @@ examples:
   pymoi setup                             MoI for every llama_cpp.Llama when MIXINPUTS_BETA is set
 """
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-
-
 class CommandError(Exception):
     """A failure the user can act on: printed as one line, no traceback."""
 
     def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def parse_beta(text: str) -> Optional[float]:
-    """--beta value: a number >= 0, 'direct' (-100) or 'none'/'off' (ordinary decoding)."""
-    from .mixing import validate_beta
-
-    word = text.strip().lower()
-    if word in ("none", "off"):
-        return None
-    if word == "direct":
-        return -100.0
-    try:
-        return validate_beta(float(word))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(
-            f"'{text}' is not a beta: use a number >= 0, 'direct' (or <= -99) for the direct mixture, or 'off'"
-        ) from error
 
 
 def _int_at_least(text: str, lowest: int) -> int:
@@ -255,57 +233,6 @@ def resolved_beta(args: argparse.Namespace) -> Optional[float]:
     return None if args.no_moi else args.beta
 
 
-def describe_rate(tokens: int, rate: float, beta: Optional[float]) -> str:
-    """The statistics line after a reply: tokens, tokens/s and beta."""
-    speed = "" if math.isnan(rate) else f", {rate:.1f} tok/s"
-    return f"{tokens} token{'' if tokens == 1 else 's'}{speed}, beta {describe_beta(beta)}"
-
-
-def describe_beta(beta: Optional[float]) -> str:
-    if beta is None:
-        return "off"
-    return "direct" if beta <= -99 else f"{beta:g}"
-
-
-class Status:
-    """One-line status messages on a stream: dim on a terminal, silent when quiet."""
-
-    def __init__(self, stream: TextIO, quiet: bool) -> None:
-        self.stream = stream
-        self.quiet = quiet
-        self.styled = stream.isatty() and "NO_COLOR" not in os.environ
-
-    def dim(self, text: str) -> str:
-        return f"\x1b[2m{text}\x1b[0m" if self.styled else text
-
-    def line(self, text: str) -> None:
-        if not self.quiet:
-            self.stream.write(self.dim(text) + "\n")
-            self.stream.flush()
-
-    def while_running(self, label: str, work: Callable[[], Any]) -> Any:
-        """Runs work(), showing label and the seconds elapsed (live on a terminal)."""
-        if self.quiet or not self.styled:
-            return work()
-        done = threading.Event()
-        start = time.perf_counter()
-
-        def tick() -> None:
-            while not done.wait(0.1):
-                self.stream.write(f"\r{self.dim(f'{label} {time.perf_counter() - start:.1f} s')}")
-                self.stream.flush()
-
-        ticker = threading.Thread(target=tick, daemon=True)
-        ticker.start()
-        try:
-            return work()
-        finally:
-            done.set()
-            ticker.join()
-            self.stream.write("\r\x1b[2K")
-            self.stream.flush()
-
-
 def load_model(args: argparse.Namespace, status: Status) -> Any:
     """pymoi_cpp.Llama for the parsed flags; CommandError when the model cannot be loaded."""
     import llama_cpp
@@ -349,29 +276,6 @@ def load_model(args: argparse.Namespace, status: Status) -> Any:
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of create_completion / create_chat_completion for the sampling flags."""
     return dict(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, max_tokens=args.max_tokens, seed=args.seed)
-
-
-class Timer:
-    """Time to the first piece of text and generation rate of one streamed reply."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.first: Optional[float] = None
-        self.end: Optional[float] = None
-
-    def stream(self, pieces: Iterator[str]) -> Iterator[str]:
-        for piece in pieces:
-            if self.first is None:
-                self.first = time.perf_counter()
-            yield piece
-        self.end = time.perf_counter()
-
-    def tokens_per_second(self, tokens: int) -> float:
-        """Tokens after the first one over the time after the first one."""
-        end = self.end or time.perf_counter()
-        if self.first is None or tokens < 2 or end <= self.first:
-            return math.nan
-        return (tokens - 1) / (end - self.first)
 
 
 def read_prompt(args: argparse.Namespace) -> str:

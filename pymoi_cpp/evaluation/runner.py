@@ -12,7 +12,7 @@ import llama_cpp
 
 from .. import __version__
 from ..batch import completion_prompt_tokens
-from ..chat import chat_formatter
+from ..chat_format import chat_formatter
 from ..reporting import Progress, StopOnInterrupt, pyplot
 from .problems import Task, Verdict
 from .statistics import mcnemar_exact, paired_counts, wilson_interval

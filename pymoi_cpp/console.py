@@ -1,0 +1,105 @@
+"""Terminal helpers shared by the `pymoi` commands: exit codes, --beta values, the status line and reply timing."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import threading
+import time
+from typing import Any, Callable, Iterator, Optional, TextIO
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def parse_beta(text: str) -> Optional[float]:
+    """--beta value: a number >= 0, 'direct' (-100) or 'none'/'off' (ordinary decoding)."""
+    from .mixing import validate_beta
+
+    word = text.strip().lower()
+    if word in ("none", "off"):
+        return None
+    if word == "direct":
+        return -100.0
+    try:
+        return validate_beta(float(word))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a beta: use a number >= 0, 'direct' (or <= -99) for the direct mixture, or 'off'"
+        ) from error
+
+
+def describe_rate(tokens: int, rate: float, beta: Optional[float]) -> str:
+    """The statistics line after a reply: tokens, tokens/s and beta."""
+    speed = "" if math.isnan(rate) else f", {rate:.1f} tok/s"
+    return f"{tokens} token{'' if tokens == 1 else 's'}{speed}, beta {describe_beta(beta)}"
+
+
+def describe_beta(beta: Optional[float]) -> str:
+    if beta is None:
+        return "off"
+    return "direct" if beta <= -99 else f"{beta:g}"
+
+
+class Status:
+    """One-line status messages on a stream: dim on a terminal, silent when quiet."""
+
+    def __init__(self, stream: TextIO, quiet: bool) -> None:
+        self.stream = stream
+        self.quiet = quiet
+        self.styled = stream.isatty() and "NO_COLOR" not in os.environ
+
+    def dim(self, text: str) -> str:
+        return f"\x1b[2m{text}\x1b[0m" if self.styled else text
+
+    def line(self, text: str) -> None:
+        if not self.quiet:
+            self.stream.write(self.dim(text) + "\n")
+            self.stream.flush()
+
+    def while_running(self, label: str, work: Callable[[], Any]) -> Any:
+        """Runs work(), showing label and the seconds elapsed (live on a terminal)."""
+        if self.quiet or not self.styled:
+            return work()
+        done = threading.Event()
+        start = time.perf_counter()
+
+        def tick() -> None:
+            while not done.wait(0.1):
+                self.stream.write(f"\r{self.dim(f'{label} {time.perf_counter() - start:.1f} s')}")
+                self.stream.flush()
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            return work()
+        finally:
+            done.set()
+            ticker.join()
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+
+
+class Timer:
+    """Time to the first piece of text and generation rate of one streamed reply."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: Optional[float] = None
+        self.end: Optional[float] = None
+
+    def stream(self, pieces: Iterator[str]) -> Iterator[str]:
+        for piece in pieces:
+            if self.first is None:
+                self.first = time.perf_counter()
+            yield piece
+        self.end = time.perf_counter()
+
+    def tokens_per_second(self, tokens: int) -> float:
+        """Tokens after the first one over the time after the first one."""
+        end = self.end or time.perf_counter()
+        if self.first is None or tokens < 2 or end <= self.first:
+            return math.nan
+        return (tokens - 1) / (end - self.first)
