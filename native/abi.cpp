@@ -263,24 +263,14 @@ void pymoi_batch_free(pymoi_batch * batch) {
     delete batch;
 }
 
-pymoi_status pymoi_batch_begin(pymoi_batch * batch, llama_sampler * const * samplers, const float * betas,
-                               int32_t top_k) {
+pymoi_status pymoi_batch_add(pymoi_batch * batch, int32_t seq, llama_sampler * sampler, float beta, int32_t top_k,
+                             const llama_token * tokens, int32_t n_tokens) {
     return guarded([&] {
-        if (batch == nullptr || samplers == nullptr || betas == nullptr) {
-            return fail(PYMOI_ERR_INVALID_ARGUMENT, "batch, samplers and betas must not be null");
+        if (batch == nullptr || tokens == nullptr) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "batch and tokens must not be null");
         }
         std::string error;
-        return to_status(batch->step->begin(samplers, betas, top_k, &error), error);
-    });
-}
-
-pymoi_status pymoi_batch_prefill(pymoi_batch * batch, const llama_token * tokens, const int32_t * lengths) {
-    return guarded([&] {
-        if (batch == nullptr || tokens == nullptr || lengths == nullptr) {
-            return fail(PYMOI_ERR_INVALID_ARGUMENT, "batch, tokens and lengths must not be null");
-        }
-        std::string error;
-        return to_status(batch->step->prefill(tokens, lengths, &error), error);
+        return to_status(batch->step->add(seq, sampler, beta, top_k, tokens, n_tokens, &error), error);
     });
 }
 
@@ -299,6 +289,16 @@ pymoi_status pymoi_batch_finish(pymoi_batch * batch, int32_t seq) {
         if (batch == nullptr) return fail(PYMOI_ERR_INVALID_ARGUMENT, "batch must not be null");
         std::string error;
         return to_status(batch->step->finish(seq, &error), error);
+    });
+}
+
+pymoi_status pymoi_batch_logits(const pymoi_batch * batch, int32_t seq, const float ** out_logits) {
+    return guarded([&] {
+        if (batch == nullptr || out_logits == nullptr) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "batch and out_logits must not be null");
+        }
+        std::string error;
+        return to_status(batch->step->logits(seq, out_logits, &error), error);
     });
 }
 

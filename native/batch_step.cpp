@@ -24,145 +24,145 @@ BatchStep::BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq, i
     input_(input),
     ctx_(ctx),
     n_seq_(n_seq),
+    n_ctx_seq_(llama_n_ctx_seq(ctx)),
+    state_(static_cast<size_t>(n_seq), State::free),
     samplers_(static_cast<size_t>(n_seq), nullptr),
     betas_(static_cast<size_t>(n_seq), 1.0f),
+    top_k_(static_cast<size_t>(n_seq), 1),
     n_past_(static_cast<size_t>(n_seq), 0),
+    prompts_(static_cast<size_t>(n_seq)),
+    prompt_read_(static_cast<size_t>(n_seq), 0),
     logits_row_(static_cast<size_t>(n_seq), -1),
-    rows_(n_seq, input.n_embd(), input.n_pos_per_row()),
+    rows_(static_cast<int32_t>(llama_n_batch(ctx)), input.n_embd(), input.n_pos_per_row()),
     live_(static_cast<size_t>(n_seq), -1),
     live_logits_(static_cast<size_t>(n_seq), nullptr),
+    live_rows_(static_cast<size_t>(n_seq), -1),
     live_tokens_(static_cast<size_t>(n_seq), -1),
     pool_(n_workers),
     scratch_(static_cast<size_t>(n_workers)),
     candidates_(static_cast<size_t>(n_workers), std::vector<llama_token_data>(static_cast<size_t>(input.n_vocab()))),
     status_(static_cast<size_t>(n_workers), 0),
-    errors_(static_cast<size_t>(n_workers)) {}
+    errors_(static_cast<size_t>(n_workers)) {
+    reading_order_.reserve(static_cast<size_t>(n_seq));
+}
 
-int BatchStep::begin(llama_sampler * const * samplers, const float * betas, int32_t top_k, std::string * error) {
-    for (int32_t i = 0; i < n_seq_; ++i) {
-        if (samplers[i] == nullptr) {
-            *error = "sampler " + std::to_string(i) + " must not be null";
-            return PYMOI_ERR_INVALID_ARGUMENT;
-        }
-        for (MixtureScratch & scratch : scratch_) {
-            const int status = input_.prepare(betas[i], top_k, scratch, error);
-            if (status != PYMOI_OK) return status;
-        }
+int BatchStep::check_sequence(int32_t seq, std::string * error) const {
+    if (seq < 0 || seq >= n_seq_) {
+        *error = "sequence " + std::to_string(seq) + " is not in this batch of " + std::to_string(n_seq_);
+        return PYMOI_ERR_INVALID_ARGUMENT;
     }
-    std::copy(samplers, samplers + n_seq_, samplers_.begin());
-    std::copy(betas, betas + n_seq_, betas_.begin());
-    top_k_ = top_k;
-    rows_.clear();
-    std::fill(logits_row_.begin(), logits_row_.end(), -1);
     return PYMOI_OK;
 }
 
-int BatchStep::prefill(const llama_token * tokens, const int32_t * lengths, std::string * error) {
-    const uint32_t n_ctx   = llama_n_ctx_seq(ctx_);
-    const int32_t  n_batch = static_cast<int32_t>(llama_n_batch(ctx_));
-    for (int32_t i = 0; i < n_seq_; ++i) {
-        if (lengths[i] < 1 || static_cast<uint32_t>(lengths[i]) >= n_ctx) {
-            *error = "prompt " + std::to_string(i) + " has " + std::to_string(lengths[i]) +
-                     " tokens; each prompt needs at least 1 and fewer than the " + std::to_string(n_ctx) + " a sequence holds";
+int BatchStep::add(int32_t seq, llama_sampler * sampler, float beta, int32_t top_k, const llama_token * tokens,
+                   int32_t n_tokens, std::string * error) {
+    int status = check_sequence(seq, error);
+    if (status != PYMOI_OK) return status;
+    const size_t s = static_cast<size_t>(seq);
+    if (state_[s] != State::free) {
+        *error = "sequence " + std::to_string(seq) + " is in use: finish it before adding another prompt to it";
+        return PYMOI_ERR_INVALID_ARGUMENT;
+    }
+    if (sampler == nullptr) {
+        *error = "the sampler of sequence " + std::to_string(seq) + " must not be null";
+        return PYMOI_ERR_INVALID_ARGUMENT;
+    }
+    if (n_tokens < 1 || static_cast<uint32_t>(n_tokens) >= n_ctx_seq_) {
+        *error = "the prompt of sequence " + std::to_string(seq) + " has " + std::to_string(n_tokens) +
+                 " tokens; a prompt needs at least 1 and fewer than the " + std::to_string(n_ctx_seq_) + " a sequence holds";
+        return PYMOI_ERR_INVALID_ARGUMENT;
+    }
+    for (int32_t i = 0; i < n_tokens; ++i) {
+        if (tokens[i] < 0 || tokens[i] >= input_.n_vocab()) {
+            *error = "the prompt of sequence " + std::to_string(seq) + " holds token " + std::to_string(tokens[i]) +
+                     ", outside the vocabulary [0, " + std::to_string(input_.n_vocab()) + ")";
             return PYMOI_ERR_INVALID_ARGUMENT;
         }
     }
-    llama_memory_t memory = llama_get_memory(ctx_);
-    for (int32_t i = 0; i < n_seq_; ++i) {
-        llama_memory_seq_rm(memory, i, -1, -1);
+    for (MixtureScratch & scratch : scratch_) {
+        status = input_.prepare(beta, top_k, scratch, error);
+        if (status != PYMOI_OK) return status;
     }
-    rows_.clear();
-
-    // Every token but the last of each prompt, without logits, in n_batch chunks;
-    // then the last tokens together, so that all n_seq logits rows are live at once.
-    llama_batch chunk = llama_batch_init(n_batch, 0, 1);
-    auto        add   = [&](llama_token token, int32_t pos, int32_t seq, bool logits) {
-        const int32_t r   = chunk.n_tokens++;
-        chunk.token[r]    = token;
-        chunk.pos[r]      = pos;
-        chunk.n_seq_id[r] = 1;
-        chunk.seq_id[r][0] = seq;
-        chunk.logits[r]   = logits ? 1 : 0;
-    };
-    auto decode = [&]() {
-        const int32_t ret = chunk.n_tokens > 0 ? llama_decode(ctx_, chunk) : 0;
-        chunk.n_tokens    = 0;
-        if (ret != 0) {
-            *error = ret == 1 ? "the KV cache has no room for the prompts (" + std::to_string(n_ctx) +
-                                    " tokens per sequence): create the model with a larger n_ctx"
-                              : "llama_decode failed with status " + std::to_string(ret) + " while evaluating the prompts";
-            return ret == 1 ? PYMOI_ERR_CONTEXT_FULL : PYMOI_ERR_DECODE;
-        }
-        return PYMOI_OK;
-    };
-    int               status = PYMOI_OK;
-    const llama_token * prompt = tokens;
-    for (int32_t i = 0; i < n_seq_ && status == PYMOI_OK; ++i) {
-        for (int32_t p = 0; p + 1 < lengths[i]; ++p) {
-            add(prompt[p], p, i, false);
-            if (chunk.n_tokens == n_batch) status = decode();
-            if (status != PYMOI_OK) break;
-        }
-        prompt += lengths[i];
-    }
-    if (status == PYMOI_OK) status = decode();
-    prompt = tokens;
-    for (int32_t i = 0; i < n_seq_ && status == PYMOI_OK; ++i) {
-        prompt += lengths[i];
-        add(prompt[-1], lengths[i] - 1, i, true);
-        logits_row_[static_cast<size_t>(i)] = i;
-        n_past_[static_cast<size_t>(i)]     = lengths[i];
-    }
-    if (status == PYMOI_OK) status = decode();
-    llama_batch_free(chunk);
-    if (status != PYMOI_OK) std::fill(logits_row_.begin(), logits_row_.end(), -1);
-    return status;
+    llama_memory_seq_rm(llama_get_memory(ctx_), seq, -1, -1);
+    prompts_[s].assign(tokens, tokens + n_tokens);
+    prompt_read_[s] = 0;
+    n_past_[s]      = 0;
+    logits_row_[s]  = -1;
+    samplers_[s]    = sampler;
+    betas_[s]       = beta;
+    top_k_[s]       = top_k;
+    state_[s]       = State::reading;
+    reading_order_.push_back(seq);
+    return PYMOI_OK;
 }
 
-int BatchStep::decode_pending(std::string * error) {
-    if (rows_.size() == 0) return PYMOI_OK;
+void BatchStep::add_prompt_rows() {
+    const float      scale   = input_.verdict().input_scale;
+    MixtureScratch & scratch = scratch_[0];
+    for (const int32_t seq : reading_order_) {
+        const size_t s      = static_cast<size_t>(seq);
+        const auto & prompt = prompts_[s];
+        const int32_t n     = static_cast<int32_t>(prompt.size());
+        for (int32_t i = prompt_read_[s]; i < n && rows_.size() < rows_.capacity(); ++i) {
+            input_.token_row(prompt[static_cast<size_t>(i)], scale, scratch, rows_.add(i, seq, i == n - 1));
+        }
+        if (rows_.size() == rows_.capacity()) break;
+    }
+}
+
+int BatchStep::decode(std::string * error) {
     const int32_t ret = llama_decode(ctx_, rows_.view());
     if (ret != 0) {
-        *error = ret == 1 ? "the KV cache is full (" + std::to_string(llama_n_ctx_seq(ctx_)) +
-                                " tokens per sequence): create the model with a larger n_ctx or generate fewer tokens"
+        rows_.clear();
+        *error = ret == 1 ? "the KV cache has no room for this step (" + std::to_string(n_ctx_seq_) +
+                                " tokens per sequence): create the model with a larger n_ctx"
                           : "llama_decode failed with status " + std::to_string(ret);
         return ret == 1 ? PYMOI_ERR_CONTEXT_FULL : PYMOI_ERR_DECODE;
     }
+    std::fill(logits_row_.begin(), logits_row_.end(), -1);
     for (int32_t r = 0; r < rows_.size(); ++r) {
-        const int32_t seq                      = rows_.seq(r);
-        logits_row_[static_cast<size_t>(seq)]  = r;
-        n_past_[static_cast<size_t>(seq)]     += 1;
+        const size_t s = static_cast<size_t>(rows_.seq(r));
+        n_past_[s] += 1;
+        if (state_[s] == State::reading) prompt_read_[s] += 1;
+        if (rows_.has_logits(r)) logits_row_[s] = r;
     }
     rows_.clear();
     return PYMOI_OK;
 }
 
 int BatchStep::step(llama_token * tokens, std::string * error) {
-    int status = decode_pending(error);
+    add_prompt_rows();
+    std::fill(tokens, tokens + n_seq_, -1);
+    n_live_ = 0;
+    if (rows_.size() == 0) return PYMOI_OK;
+    int status = decode(error);
     if (status != PYMOI_OK) return status;
-    const uint32_t n_ctx = llama_n_ctx_seq(ctx_);
-    n_live_              = 0;
+
     for (int32_t seq = 0; seq < n_seq_; ++seq) {
-        const int32_t row = logits_row_[static_cast<size_t>(seq)];
-        tokens[seq]       = -1;
+        const size_t  s   = static_cast<size_t>(seq);
+        const int32_t row = logits_row_[s];
         if (row < 0) continue;
-        if (static_cast<uint32_t>(n_past_[static_cast<size_t>(seq)]) >= n_ctx) {
-            *error = "sequence " + std::to_string(seq) + " filled its context window (" + std::to_string(n_ctx) +
-                     " tokens): create the model with a larger n_ctx or generate fewer tokens";
-            rows_.clear();
-            return PYMOI_ERR_CONTEXT_FULL;
+        if (state_[s] == State::reading) {
+            state_[s] = State::generating;
+            reading_order_.erase(std::find(reading_order_.begin(), reading_order_.end(), seq));
         }
         // Read here, on one thread: llama_get_logits_ith synchronises the context.
         live_logits_[static_cast<size_t>(n_live_)] = llama_get_logits_ith(ctx_, row);
         live_[static_cast<size_t>(n_live_)]        = seq;
-        rows_.add(n_past_[static_cast<size_t>(seq)], seq);  // row n_live_, filled by sample()
+        if (static_cast<uint32_t>(n_past_[s]) < n_ctx_seq_) {
+            live_rows_[static_cast<size_t>(n_live_)] = rows_.size();
+            rows_.add(n_past_[s], seq);  // filled by sample()
+        } else {
+            live_rows_[static_cast<size_t>(n_live_)] = -1;
+            state_[s]                                = State::full;
+        }
         ++n_live_;
     }
     n_sharing_ = n_live_ > 1 ? pool_.size() : 1;
     std::fill(status_.begin(), status_.end(), static_cast<int>(PYMOI_OK));
     if (n_sharing_ > 1) {
         pool_.run(&BatchStep::sample_share, this);
-    } else {
+    } else if (n_live_ == 1) {
         sample_share(this, 0);
     }
     for (size_t w = 0; w < status_.size(); ++w) {
@@ -195,14 +195,14 @@ void BatchStep::sample_share(void * self, int worker) {
 }
 
 void BatchStep::sample(int32_t j, int worker) {
-    const size_t     w        = static_cast<size_t>(worker);
-    const int32_t    seq      = live_[static_cast<size_t>(j)];
-    const float *    logits   = live_logits_[static_cast<size_t>(j)];
-    llama_sampler *  sampler  = samplers_[static_cast<size_t>(seq)];
-    MixtureScratch & scratch  = scratch_[w];
-    auto &           cand     = candidates_[w];
-    const int32_t    n_vocab  = input_.n_vocab();
-    input_.select(logits, top_k_, scratch);
+    const size_t     w       = static_cast<size_t>(worker);
+    const size_t     s       = static_cast<size_t>(live_[static_cast<size_t>(j)]);
+    const float *    logits  = live_logits_[static_cast<size_t>(j)];
+    MixtureScratch & scratch = scratch_[w];
+    auto &           cand    = candidates_[w];
+    const int32_t    n_vocab = input_.n_vocab();
+    const int32_t    row     = live_rows_[static_cast<size_t>(j)];
+    if (row >= 0) input_.select(logits, top_k_[s], scratch);
 
     // What llama_sampler_sample does with CPU logits, on this worker's candidate
     // array instead of the context: the sampler chain applies, then accepts.
@@ -210,27 +210,46 @@ void BatchStep::sample(int32_t j, int worker) {
         cand[static_cast<size_t>(t)] = llama_token_data { t, logits[t], 0.0f };
     }
     llama_token_data_array candidates = { cand.data(), static_cast<size_t>(n_vocab), -1, false };
-    llama_sampler_apply(sampler, &candidates);
+    llama_sampler_apply(samplers_[s], &candidates);
     if (candidates.selected < 0 || candidates.selected >= static_cast<int64_t>(candidates.size)) {
         status_[w] = PYMOI_ERR_INTERNAL;
-        errors_[w] = "the sampler of sequence " + std::to_string(seq) + " selected no token";
+        errors_[w] = "the sampler of sequence " + std::to_string(s) + " selected no token";
         return;
     }
     const llama_token sampled = candidates.data[candidates.selected].id;
-    llama_sampler_accept(sampler, sampled);
+    llama_sampler_accept(samplers_[s], sampled);
     live_tokens_[static_cast<size_t>(j)] = sampled;
-    status_[w] = input_.build(logits, sampled, betas_[static_cast<size_t>(seq)], top_k_, scratch, rows_.row(j), &errors_[w]);
+    if (row >= 0) {
+        status_[w] = input_.build(logits, sampled, betas_[s], top_k_[s], scratch, rows_.row(row), &errors_[w]);
+    }
 }
 
 int BatchStep::finish(int32_t seq, std::string * error) {
-    if (seq < 0 || seq >= n_seq_) {
-        *error = "sequence " + std::to_string(seq) + " is not in this batch of " + std::to_string(n_seq_);
-        return PYMOI_ERR_INVALID_ARGUMENT;
+    const int status = check_sequence(seq, error);
+    if (status != PYMOI_OK) return status;
+    const size_t s = static_cast<size_t>(seq);
+    if (state_[s] == State::reading) {
+        reading_order_.erase(std::find(reading_order_.begin(), reading_order_.end(), seq));
     }
-    logits_row_[static_cast<size_t>(seq)] = -1;
+    state_[s]      = State::free;
+    samplers_[s]   = nullptr;
+    logits_row_[s] = -1;
     rows_.remove_sequence(seq);
     llama_memory_seq_rm(llama_get_memory(ctx_), seq, -1, -1);
     return PYMOI_OK;
+}
+
+int BatchStep::logits(int32_t seq, const float ** out, std::string * error) const {
+    const int status = check_sequence(seq, error);
+    if (status != PYMOI_OK) return status;
+    for (int32_t j = 0; j < n_live_; ++j) {
+        if (live_[static_cast<size_t>(j)] == seq) {
+            *out = live_logits_[static_cast<size_t>(j)];
+            return PYMOI_OK;
+        }
+    }
+    *error = "sequence " + std::to_string(seq) + " sampled no token in the latest step";
+    return PYMOI_ERR_INVALID_ARGUMENT;
 }
 
 }  // namespace pymoi

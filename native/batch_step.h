@@ -1,5 +1,7 @@
-// Batched MoI generation: n_seq sequences (KV sequence ids 0..n_seq-1) decoded
-// together, one llama_decode of one mixed row per live sequence each step.
+// Batched MoI generation with continuous batching: up to n_seq sequences (KV
+// sequence ids 0..n_seq-1) join and leave between steps; each step is one
+// llama_decode holding one mixed row per generating sequence and the next
+// chunk of the prompts still being read.
 #pragma once
 
 #include <cstdint>
@@ -25,21 +27,32 @@ class BatchStep {
 
     // All return a pymoi_status; `error` is set on failure.
 
-    // Per-sequence samplers (borrowed) and betas, one moi_top_k for all.
-    int begin(llama_sampler * const * samplers, const float * betas, int32_t top_k, std::string * error);
-    // Clears the sequences' KV cells and decodes the prompts (tokens of all
-    // prompts one after another, `lengths[i]` >= 1 tokens each) as tokens.
-    int prefill(const llama_token * tokens, const int32_t * lengths, std::string * error);
-    // Decodes the pending mixtures of the live sequences, then samples each live
-    // sequence's next token into tokens[seq] and mixes its next input; finished
-    // sequences get -1.
+    // Starts sequence `seq` (which must be free) on a prompt of n_tokens >= 1
+    // tokens: its KV cells are cleared and the following steps read the prompt.
+    // `sampler` is borrowed until finish(seq); beta and top_k are the sequence's.
+    int add(int32_t seq, llama_sampler * sampler, float beta, int32_t top_k, const llama_token * tokens,
+            int32_t n_tokens, std::string * error);
+    // One decode: the pending mixtures of the generating sequences and up to
+    // n_batch rows of prompts (in the order the sequences were added), fed as the
+    // prompt tokens' own embedding rows (the input probe proved them equal to token
+    // input). Then every sequence that has logits samples its next token into
+    // tokens[seq] and mixes its next input; other sequences get -1. A sequence whose
+    // context is full gets its last token and no further input.
     int step(llama_token * tokens, std::string * error);
-    // Ends sequence `seq`: its pending mixture is dropped and its KV cells freed.
+    // Ends sequence `seq`: its pending input is dropped, its KV cells freed and its
+    // sampler released.
     int finish(int32_t seq, std::string * error);
+    // The raw logits (n_vocab floats) that the latest step sampled sequence `seq`
+    // from; valid until the next step.
+    int logits(int32_t seq, const float ** out, std::string * error) const;
 
   private:
+    enum class State { free, reading, generating, full };
+
     BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq, int n_workers);
-    int decode_pending(std::string * error);
+    int  check_sequence(int32_t seq, std::string * error) const;
+    void add_prompt_rows();
+    int  decode(std::string * error);
     // Samples and mixes the live sequences live_[j] with j = worker, worker + n_workers, ...
     static void sample_share(void * self, int worker);
     void        sample(int32_t j, int worker);
@@ -47,21 +60,28 @@ class BatchStep {
     MixtureInput &  input_;
     llama_context * ctx_;
     int32_t         n_seq_;
-    int32_t         top_k_ = 1;
+    uint32_t        n_ctx_seq_;
 
-    // Per sequence, sized once by open(): the hot path does not allocate.
-    std::vector<llama_sampler *> samplers_;
-    std::vector<float>           betas_;
-    std::vector<int32_t>         n_past_;
-    std::vector<int32_t>         logits_row_;  // row of its logits in the last decode, or -1 when finished
-    // Mixed rows waiting for the next decode, one per live sequence.
+    // Per sequence, sized once by open() (prompts by add()): steps do not allocate.
+    std::vector<State>                    state_;
+    std::vector<llama_sampler *>          samplers_;
+    std::vector<float>                    betas_;
+    std::vector<int32_t>                  top_k_;
+    std::vector<int32_t>                  n_past_;
+    std::vector<std::vector<llama_token>> prompts_;
+    std::vector<int32_t>                  prompt_read_;  // prompt tokens already decoded
+    std::vector<int32_t>                  logits_row_;   // row of its logits in the latest decode, or -1
+    std::vector<int32_t>                  reading_order_;  // sequences reading their prompts, oldest first
+    // Rows of the next decode: mixtures first, then prompt rows.
     EmbeddingBatch rows_;
 
-    // One step's live sequences (row j of the next decode is live_[j]), their logits
-    // and sampled tokens. Sampling runs on the pool: llama.cpp's sampler chains are
-    // independent, and the decode threads are idle between decodes.
+    // One step's live sequences (those with logits), their logits, the row each
+    // mixes into (-1 when its context is full) and their sampled tokens. Sampling runs
+    // on the pool: llama.cpp's sampler chains are independent, and the decode
+    // threads are idle between decodes.
     std::vector<int32_t>       live_;
     std::vector<const float *> live_logits_;
+    std::vector<int32_t>       live_rows_;
     std::vector<llama_token>   live_tokens_;
     int32_t                    n_live_    = 0;
     int32_t                    n_sharing_ = 1;  // workers the live sequences are dealt to

@@ -31,6 +31,7 @@ class EmbeddingBatch {
 
     float *      row(int32_t i) { return embd_.data() + static_cast<size_t>(i) * static_cast<size_t>(n_embd_); }
     llama_seq_id seq(int32_t i) const { return seq_[static_cast<size_t>(i)]; }
+    bool         has_logits(int32_t i) const { return logits_[static_cast<size_t>(i)] != 0; }
 
     void clear() { n_rows_ = 0; }
 

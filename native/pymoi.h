@@ -158,35 +158,42 @@ PYMOI_API pymoi_status pymoi_session_flush(pymoi_session * session, int32_t n_pa
 // True if a mixture is waiting to be decoded.
 PYMOI_API bool pymoi_session_has_pending(const pymoi_session * session);
 
-// Batched generation: n_seq sequences, KV sequence ids 0..n_seq-1 of `ctx`,
-// decoded together with one mixed row per live sequence per step. `ctx` must
-// have been created with n_seq_max >= n_seq (and n_batch >= n_seq). The batch
-// borrows the session's embedding rows: free it before the session.
+// Batched generation with continuous batching: up to n_seq sequences, KV
+// sequence ids 0..n_seq-1 of `ctx`, that join (pymoi_batch_add) and leave
+// (pymoi_batch_finish) between steps. `ctx` must have been created with
+// n_seq_max >= n_seq (and n_batch >= n_seq). The batch borrows the session's
+// embedding rows: free it before the session. One thread at a time per batch.
 typedef struct pymoi_batch pymoi_batch;
 
 PYMOI_API pymoi_status pymoi_batch_open(
         pymoi_session * session, struct llama_context * ctx, int32_t n_seq, pymoi_batch ** out_batch);
 PYMOI_API void pymoi_batch_free(pymoi_batch * batch);
 
-// Sets each sequence's sampler (borrowed, one per sequence) and beta (as for
-// pymoi_session_begin), and one moi_top_k for all.
-PYMOI_API pymoi_status pymoi_batch_begin(
-        pymoi_batch * batch, struct llama_sampler * const * samplers, const float * betas, int32_t top_k);
+// Starts sequence `seq` (free: never added, or finished) on a prompt of
+// n_tokens >= 1 tokens (copied), with its own sampler (borrowed until
+// pymoi_batch_finish(seq)), beta (as for pymoi_session_begin) and moi_top_k. Its
+// KV cells are cleared; the following steps read the prompt.
+PYMOI_API pymoi_status pymoi_batch_add(pymoi_batch * batch, int32_t seq, struct llama_sampler * sampler, float beta,
+                                       int32_t top_k, const llama_token * tokens, int32_t n_tokens);
 
-// Clears the sequences' KV cells and evaluates the prompts as tokens: `tokens`
-// holds the prompts one after another, prompt i being lengths[i] >= 1 tokens.
-PYMOI_API pymoi_status pymoi_batch_prefill(pymoi_batch * batch, const llama_token * tokens, const int32_t * lengths);
-
-// One step of every live sequence: decodes the mixtures left by the previous
-// step in one llama_decode, then samples each live sequence's next token into
-// out_tokens[seq] (n_seq entries; -1 for finished sequences) and mixes its next
-// input. The sequences are sampled in parallel on up to llama_n_threads(ctx)
-// threads (each sampler by one thread at a time), applying each sampler chain as
-// llama_sampler_sample does. PYMOI_ERR_CONTEXT_FULL when a sequence's context is full.
+// One step: a single llama_decode of the mixtures left by the previous step
+// and of up to n_batch rows of the prompts still being read (oldest sequence
+// first, each prompt token as its own embedding row, which the input probe found
+// equal to token input). Then every sequence with logits (a mixture decoded, or
+// its prompt's last token) samples its next token into out_tokens[seq] (n_seq
+// entries; -1 for the others) and mixes its next input. Sequences are sampled in
+// parallel on up to llama_n_threads(ctx) threads, each sampler chain applied as
+// llama_sampler_sample does. A sequence whose context is full gets its last
+// token and no more; finish it.
 PYMOI_API pymoi_status pymoi_batch_step(pymoi_batch * batch, llama_token * out_tokens);
 
-// Ends sequence `seq`: drops its pending mixture and frees its KV cells.
+// Ends sequence `seq`: drops its pending input, frees its KV cells and
+// releases its sampler; the sequence is free for pymoi_batch_add.
 PYMOI_API pymoi_status pymoi_batch_finish(pymoi_batch * batch, int32_t seq);
+
+// The raw logits (n_vocab floats, owned by the context) that the latest step
+// sampled sequence `seq`'s token from; valid until the next step.
+PYMOI_API pymoi_status pymoi_batch_logits(const pymoi_batch * batch, int32_t seq, const float ** out_logits);
 
 #ifdef __cplusplus
 }

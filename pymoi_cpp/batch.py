@@ -6,15 +6,13 @@ import ctypes
 import math
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import llama_cpp
+import numpy as np
 
 from ._native import check, lib
 from .mixing import validate_beta
-
-if TYPE_CHECKING:
-    from .llama import Llama
 
 BetaArgument = Union[Optional[float], Sequence[Optional[float]]]
 
@@ -45,8 +43,46 @@ def check_prompts(prompts: Sequence[Sequence[int]], n_vocab: int) -> list[list[i
     return checked
 
 
+class NativeBatch:
+    """A continuous batch on a model's context: sequences 0..n_seq-1 join with add() and leave
+    with finish() between steps; see pymoi_batch_* in native/pymoi.h. One thread at a time."""
+
+    def __init__(self, session: ctypes.c_void_p, ctx: ctypes.c_void_p, n_seq: int, n_vocab: int) -> None:
+        self.n_seq = n_seq
+        self.n_vocab = n_vocab
+        self._tokens = (ctypes.c_int32 * n_seq)()
+        handle = ctypes.c_void_p()
+        check(lib.pymoi_batch_open(session, ctx, n_seq, ctypes.byref(handle)))
+        self._handle: Optional[ctypes.c_void_p] = handle
+
+    def add(self, seq: int, sampler: Any, beta: float, top_k: int, prompt: Sequence[int]) -> None:
+        """Starts sequence `seq` on `prompt` with a llama_cpp sampler (kept alive by the caller until finish)."""
+        tokens = (ctypes.c_int32 * len(prompt))(*prompt)
+        pointer = ctypes.cast(sampler.sampler, ctypes.c_void_p)
+        check(lib.pymoi_batch_add(self._handle, seq, pointer, beta, top_k, tokens, len(prompt)))
+
+    def step(self) -> list[int]:
+        """One decode; each sequence's sampled token, -1 where it sampled none."""
+        check(lib.pymoi_batch_step(self._handle, self._tokens))
+        return list(self._tokens)
+
+    def finish(self, seq: int) -> None:
+        check(lib.pymoi_batch_finish(self._handle, seq))
+
+    def logits(self, seq: int) -> np.ndarray:
+        """A copy of the raw logits that the latest step sampled sequence `seq` from."""
+        pointer = ctypes.POINTER(ctypes.c_float)()
+        check(lib.pymoi_batch_logits(self._handle, seq, ctypes.byref(pointer)))
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            lib.pymoi_batch_free(self._handle)
+            self._handle = None
+
+
 def generate_batch(
-    llm: "Llama",
+    llm: Any,
     prompts: Sequence[Sequence[int]],
     max_tokens: Optional[int],
     *,
@@ -56,7 +92,7 @@ def generate_batch(
     seed: Optional[int],
     stop_tokens: Optional[Sequence[int]],
 ) -> list[list[int]]:
-    """Generates from every prompt at once; see Llama.generate_batch."""
+    """Generates from every prompt at once on a pymoi_cpp.Llama; see Llama.generate_batch."""
     tokens = check_prompts(prompts, llm.n_vocab())
     n_seq = len(tokens)
     if n_seq > llm.n_seq_max:
@@ -86,26 +122,16 @@ def generate_batch(
             samplers.append(llm._init_sampler(**sampling))
     finally:
         llm._seed = saved_seed
-
-    sampler_array = (ctypes.c_void_p * n_seq)(*[ctypes.cast(s.sampler, ctypes.c_void_p) for s in samplers])
-    beta_array = (ctypes.c_float * n_seq)(*betas)
-    flat_tokens = [token for prompt in tokens for token in prompt]
-    flat = (ctypes.c_int32 * len(flat_tokens))(*flat_tokens)
-    lengths = (ctypes.c_int32 * n_seq)(*[len(prompt) for prompt in tokens])
-    step_tokens = (ctypes.c_int32 * n_seq)()
     outputs: list[list[int]] = [[] for _ in range(n_seq)]
 
     llm._forget_context()
-    batch = ctypes.c_void_p()
-    check(lib.pymoi_batch_open(llm._moi_session, ctypes.cast(llm._ctx.ctx, ctypes.c_void_p), n_seq, ctypes.byref(batch)))
+    batch = NativeBatch(llm._require_session(), ctypes.cast(llm._ctx.ctx, ctypes.c_void_p), n_seq, llm.n_vocab())
     try:
-        check(lib.pymoi_batch_begin(batch, sampler_array, beta_array, moi_top_k))
-        check(lib.pymoi_batch_prefill(batch, flat, lengths))
+        for index, prompt in enumerate(tokens):
+            batch.add(index, samplers[index], betas[index], moi_top_k, prompt)
         live = n_seq
         while live and not llm.interrupted():
-            check(lib.pymoi_batch_step(batch, step_tokens))
-            for index in range(n_seq):
-                token = step_tokens[index]
+            for index, token in enumerate(batch.step()):
                 if token < 0:
                     continue
                 finished = token in stops
@@ -113,15 +139,15 @@ def generate_batch(
                     outputs[index].append(token)
                     finished = len(outputs[index]) >= max_tokens
                 if finished:
-                    check(lib.pymoi_batch_finish(batch, index))
+                    batch.finish(index)
                     live -= 1
     finally:
-        lib.pymoi_batch_free(batch)
+        batch.close()
         llm._forget_context()
     return outputs
 
 
-def completion_prompt_tokens(llm: "Llama", prompt: Union[str, Sequence[int]]) -> list[int]:
+def completion_prompt_tokens(llm: Any, prompt: Union[str, Sequence[int]]) -> list[int]:
     """The prompt tokens llama_cpp.Llama.create_completion evaluates for `prompt` (no suffix)."""
     if not isinstance(prompt, str):
         return list(prompt)
@@ -138,7 +164,7 @@ UNSUPPORTED_WITH_N = ("suffix", "logprobs", "grammar", "logits_processor", "stop
 
 
 def completion_choices(
-    llm: "Llama",
+    llm: Any,
     prompt: Union[str, Sequence[int]],
     n: int,
     settings: Any,

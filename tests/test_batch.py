@@ -55,7 +55,9 @@ def test_batched_sampling_uses_seed_plus_index(batched: pymoi_cpp.Llama) -> None
 
 
 def token_batch_decode(llm: pymoi_cpp.Llama, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """Greedy batched decoding with token input, in llama.cpp directly: the oracle for one-hot mixtures."""
+    """Greedy batched decoding with token input, in llama.cpp directly, on the schedule the batch
+    follows (every prompt in one decode, then one token per sequence per step): the oracle for
+    one-hot mixtures."""
     llm._forget_context()
     ctx = llm._ctx.ctx
     batch = llama_cpp.llama_batch_init(512, 0, 1)
@@ -68,25 +70,24 @@ def token_batch_decode(llm: pymoi_cpp.Llama, prompts: list[list[int]], n: int) -
 
     try:
         batch.n_tokens = 0
+        rows = []
         for seq, prompt in enumerate(prompts):
-            for pos, token in enumerate(prompt[:-1]):
-                add(token, pos, seq, False)
-        assert llama_cpp.llama_decode(ctx, batch) == 0
-        batch.n_tokens = 0
-        for seq, prompt in enumerate(prompts):
-            add(prompt[-1], len(prompt) - 1, seq, True)
+            for pos, token in enumerate(prompt):
+                add(token, pos, seq, pos == len(prompt) - 1)
+            rows.append(batch.n_tokens - 1)
         assert llama_cpp.llama_decode(ctx, batch) == 0
         outputs: list[list[int]] = [[] for _ in prompts]
         positions = [len(p) for p in prompts]
         for _ in range(n):
             batch.n_tokens = 0
             for seq in range(len(prompts)):
-                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, seq), shape=(llm.n_vocab(),))
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, rows[seq]), shape=(llm.n_vocab(),))
                 token = int(np.argmax(logits))
                 outputs[seq].append(token)
                 add(token, positions[seq], seq, True)
                 positions[seq] += 1
             assert llama_cpp.llama_decode(ctx, batch) == 0
+            rows = list(range(len(prompts)))
         return outputs
     finally:
         llama_cpp.llama_batch_free(batch)

@@ -1,0 +1,372 @@
+"""Continuous batching: concurrent generations on one model, each in its own KV sequence.
+
+An Engine owns a NativeBatch of the model's n_seq_max sequences and a thread that steps it:
+every step is one llama_decode for all live sequences, and a generation that arrives joins at
+the next step (its prompt read in chunks between the others' tokens). Generations beyond the
+free sequences wait in a bounded queue. EngineModel is one generation's view of the model for
+llama-cpp-python's completion and chat code, so that stop strings, logprobs, grammars, logit
+bias, chat templates and tool formats work per request as in llama_cpp.Llama.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import math
+import queue
+import threading
+from typing import Any, Iterator, Optional, Sequence
+
+import llama_cpp
+import numpy as np
+from llama_cpp import LlamaGrammar, LogitsProcessorList, StoppingCriteriaList
+
+from .batch import NativeBatch
+from .llama import Llama
+
+
+class EngineBusy(RuntimeError):
+    """Every sequence is generating and the waiting queue is full: try again later."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine stopped (the server is shutting down)."""
+
+
+_END = object()
+
+
+class Generation:
+    """One generation submitted to an Engine: its prompt, sampler and MoI settings, and the
+    tokens it produces, read with tokens()."""
+
+    def __init__(
+        self,
+        prompt: Sequence[int],
+        sampler: Any,
+        *,
+        beta: Optional[float],
+        top_k: int,
+        max_tokens: int,
+        stop_tokens: frozenset[int],
+        keep_logits: bool = False,
+        interrupt: Optional[threading.Event] = None,
+    ) -> None:
+        self.prompt = list(prompt)
+        self.sampler = sampler  # a llama_cpp LlamaSampler, alive until the sequence is finished
+        self.native_beta = math.inf if beta is None else beta
+        self.top_k = top_k
+        self.max_tokens = max_tokens
+        self.stop_tokens = stop_tokens
+        self.keep_logits = keep_logits
+        self.generated: list[int] = []
+        self.logits: list[np.ndarray] = []
+        self._interrupt = interrupt
+        self._cancelled = threading.Event()
+        self._out: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+
+    def cancel(self) -> None:
+        """Ends the generation at the engine's next step (or drops it from the queue)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set() or (self._interrupt is not None and self._interrupt.is_set())
+
+    def tokens(self) -> Iterator[int]:
+        """The generated tokens as they come, ending after a stop token (included) or max_tokens;
+        raises the engine's error if the generation failed."""
+        while True:
+            item = self._out.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _deliver(self, token: int, logits: Optional[np.ndarray]) -> bool:
+        """Records a sampled token; True when the generation is complete."""
+        self.generated.append(token)
+        if logits is not None:
+            self.logits.append(logits)
+        self._out.put(token)
+        return token in self.stop_tokens or len(self.generated) >= self.max_tokens
+
+    def _end(self, error: Optional[BaseException] = None) -> None:
+        self._out.put(_END if error is None else error)
+
+
+class Engine:
+    """Steps all generations of one pymoi_cpp.Llama together on a thread of its own.
+
+    The model's n_seq_max sequences are the slots; up to `max_waiting` more generations wait in
+    arrival order, and submit() raises EngineBusy beyond that. Nothing else may use the model's
+    context while the engine runs.
+    """
+
+    def __init__(self, llm: Llama, *, max_waiting: int = 16) -> None:
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, not {max_waiting}")
+        self.llm = llm
+        self.max_waiting = max_waiting
+        llm._forget_context()
+        session = llm._require_session()
+        self._batch = NativeBatch(session, ctypes.cast(llm._ctx.ctx, ctypes.c_void_p), llm.n_seq_max, llm.n_vocab())
+        self._slots: list[Optional[Generation]] = [None] * llm.n_seq_max
+        self._waiting: collections.deque[Generation] = collections.deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="pymoi-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def n_slots(self) -> int:
+        return len(self._slots)
+
+    def load(self) -> tuple[int, int]:
+        """(generations in progress, generations waiting)."""
+        with self._wake:
+            return sum(slot is not None for slot in self._slots), len(self._waiting)
+
+    def submit(self, generation: Generation) -> None:
+        """Queues a generation; EngineBusy when the queue is full, EngineClosed after close()."""
+        with self._wake:
+            if self._closed:
+                raise EngineClosed("the server is shutting down")
+            busy = all(slot is not None for slot in self._slots)
+            if busy and len(self._waiting) >= self.max_waiting:
+                raise EngineBusy(
+                    f"all {len(self._slots)} sequences are generating and {len(self._waiting)} requests are waiting"
+                )
+            self._waiting.append(generation)
+            self._wake.notify()
+
+    def close(self) -> None:
+        """Ends every generation (in progress and waiting) with EngineClosed and stops the thread."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+        self._batch.close()
+        self.llm._forget_context()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._waiting and all(slot is None for slot in self._slots):
+                    self._wake.wait()
+                if self._closed:
+                    break
+                self._admit()
+            self._step()
+        closed = EngineClosed("the server is shutting down")
+        for seq, generation in enumerate(self._slots):
+            if generation is not None:
+                self._release(seq, closed)
+        while self._waiting:
+            self._waiting.popleft()._end(closed)
+
+    def _admit(self) -> None:
+        """Ends cancelled generations and moves waiting ones into free slots (under the lock)."""
+        for seq, generation in enumerate(self._slots):
+            if generation is not None and generation.cancelled:
+                self._release(seq)
+        for seq in range(len(self._slots)):
+            while self._slots[seq] is None and self._waiting:
+                generation = self._waiting.popleft()
+                if generation.cancelled:
+                    generation._end()
+                    continue
+                try:
+                    self._batch.add(seq, generation.sampler, generation.native_beta, generation.top_k, generation.prompt)
+                except Exception as error:
+                    generation._end(error)
+                    continue
+                self._slots[seq] = generation
+
+    def _step(self) -> None:
+        try:
+            tokens = self._batch.step()
+        except Exception as error:
+            # A failed decode leaves no sequence in a known state: end them all.
+            with self._wake:
+                for seq, generation in enumerate(self._slots):
+                    if generation is not None:
+                        self._release(seq, error)
+            return
+        with self._wake:
+            for seq, token in enumerate(tokens):
+                generation = self._slots[seq]
+                if token < 0 or generation is None:
+                    continue
+                logits = self._batch.logits(seq) if generation.keep_logits else None
+                if generation._deliver(token, logits):
+                    self._release(seq)
+
+    def _release(self, seq: int, error: Optional[BaseException] = None) -> None:
+        generation = self._slots[seq]
+        self._slots[seq] = None
+        self._batch.finish(seq)
+        if generation is not None:
+            generation._end(error)
+
+
+class _LaterScores(np.ndarray):
+    """Logits rows of the generated tokens, indexed by position in prompt + completion, as
+    llama_cpp.Llama's scores are: row i holds the logits of position `first` + i."""
+
+    first: int = 0
+
+    def __array_finalize__(self, source: Any) -> None:
+        self.first = getattr(source, "first", 0)
+
+    def __getitem__(self, key: Any) -> Any:
+        return super().__getitem__(_shifted(key, self.first))
+
+
+def _shifted(key: Any, first: int) -> Any:
+    """An index into rows from position `first` on, for an index by position (negative ones count from the end)."""
+    if isinstance(key, tuple):
+        return (_shifted(key[0], first),) + key[1:]
+    if isinstance(key, (int, np.integer)) and key >= 0:
+        return key - first
+    if isinstance(key, slice) and key.start is not None and key.start >= 0:
+        stop = key.stop - first if key.stop is not None and key.stop >= 0 else key.stop
+        return slice(max(key.start - first, 0), stop, key.step)
+    return key
+
+
+class _Scores:
+    """The logits a generation kept, read as llama_cpp.Llama's scores matrix: one row by
+    position without copying the others, or the whole matrix as a _LaterScores."""
+
+    def __init__(self, rows: list[np.ndarray], first: int) -> None:
+        self._rows = rows
+        self._first = first
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, tuple) and isinstance(key[0], (int, np.integer)):
+            return self._rows[_shifted(key[0], self._first)][key[1:]]
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        scores = np.stack(self._rows).view(_LaterScores)
+        scores.first = self._first
+        return scores if dtype is None else scores.astype(dtype)
+
+
+class EngineModel:
+    """One request's view of a pymoi_cpp.Llama whose generations run on an Engine.
+
+    llama_cpp.Llama's create_completion and create_chat_completion run on it unchanged, with its
+    generate() served by the engine with this request's beta and moi_top_k; every other attribute
+    is the model's (tokenizer, chat template, metadata). Stopping criteria see the request's logits
+    only when logprobs were asked for (zeros otherwise).
+    """
+
+    _create_completion = llama_cpp.Llama._create_completion
+    create_completion = llama_cpp.Llama.create_completion
+    create_chat_completion = llama_cpp.Llama.create_chat_completion
+    _init_sampler = llama_cpp.Llama._init_sampler
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        beta: Optional[float],
+        moi_top_k: int,
+        seed: int,
+        keep_logits: bool = False,
+        interrupt: Optional[threading.Event] = None,
+    ) -> None:
+        self._engine = engine
+        self._llm = engine.llm
+        self._beta = beta
+        self._moi_top_k = moi_top_k
+        self._seed = seed
+        self._keep_logits = keep_logits
+        self._interrupt = interrupt
+        self._generation: Optional[Generation] = None
+        self._handed_out = 0
+        self.cache = None
+        self.verbose = False
+        self._logits_all = keep_logits  # llama_cpp.Llama's completion refuses logprobs otherwise
+        self._n_ctx = self._llm._context_limit
+        self.max_tokens_hint: Optional[int] = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+    def set_seed(self, seed: int) -> None:
+        self._seed = seed
+
+    @property
+    def _input_ids(self) -> np.ndarray:
+        """Prompt and the tokens handed out so far."""
+        generation = self._generation
+        if generation is None:
+            return np.zeros(0, dtype=np.intc)
+        return np.array(generation.prompt + generation.generated[: self._handed_out], dtype=np.intc)
+
+    @property
+    def _scores(self) -> Any:
+        generation = self._generation
+        if generation is None or not generation.logits:
+            return _Scores([np.zeros(self._llm.n_vocab(), dtype=np.single)], 0)
+        return _Scores(generation.logits, len(generation.prompt) - 1)
+
+    def generate(
+        self,
+        tokens: Sequence[int],
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        temp: float = 0.80,
+        repeat_penalty: float = 1.0,
+        reset: bool = True,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        penalize_nl: bool = True,
+        logits_processor: Optional[LogitsProcessorList] = None,
+        stopping_criteria: Optional[StoppingCriteriaList] = None,
+        grammar: Optional[LlamaGrammar] = None,
+    ) -> Iterator[int]:
+        """llama_cpp.Llama.generate on the engine: queued now (EngineBusy when the queue is full),
+        tokens as the engine samples them."""
+        if not tokens:
+            raise ValueError("generate() needs at least one prompt token")
+        if len(tokens) >= self._n_ctx:
+            raise ValueError(
+                f"the prompt has {len(tokens)} tokens but the context window holds {self._n_ctx}: "
+                "shorten the prompt or start the server with a larger context"
+            )
+        sampler = self._init_sampler(
+            top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, temp=temp, repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, tfs_z=tfs_z,
+            mirostat_mode=mirostat_mode, mirostat_eta=mirostat_eta, mirostat_tau=mirostat_tau, penalize_nl=penalize_nl,
+            logits_processor=logits_processor, grammar=grammar,
+        )
+        room = self._n_ctx - len(tokens)
+        limit = room if self.max_tokens_hint is None or self.max_tokens_hint <= 0 else min(room, self.max_tokens_hint)
+        generation = Generation(
+            tokens, sampler, beta=self._beta, top_k=self._moi_top_k, max_tokens=limit,
+            stop_tokens=self._llm.end_of_generation_tokens, keep_logits=self._keep_logits, interrupt=self._interrupt,
+        )
+        self._generation = generation
+        self._engine.submit(generation)
+        return self._tokens(generation, stopping_criteria)
+
+    def _tokens(self, generation: Generation, stopping_criteria: Optional[StoppingCriteriaList]) -> Iterator[int]:
+        try:
+            for token in generation.tokens():
+                if stopping_criteria is not None and stopping_criteria(self._input_ids, self._scores[-1, :]):
+                    return
+                yield token
+                self._handed_out += 1
+        finally:
+            generation.cancel()
