@@ -50,6 +50,10 @@ def _int_at_least(text: str, lowest: int) -> int:
     return value
 
 
+# pymoi serve's default context: this many tokens for each of its --parallel sequences.
+SERVE_CTX_PER_SEQUENCE = 4096
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 for argparse."""
     return _int_at_least(text, 1)
@@ -90,7 +94,7 @@ def model_options(sampling_flags: bool = True) -> argparse.ArgumentParser:
     if sampling_flags:
         add_sampling_flags(shared)
     runtime = shared.add_argument_group("runtime")
-    runtime.add_argument("--ctx", metavar="N", type=positive_int, default=4096, help="context window in tokens (default 4096)")
+    runtime.add_argument("--ctx", metavar="N", type=positive_int, default=4096, help="context window in tokens (default 4096; pymoi serve: 4096 per --parallel sequence)")
     runtime.add_argument(
         "--n-gpu-layers", metavar="N", type=int, default=None,
         help="layers to offload to the GPU; -1 is all (default: all when llama-cpp-python has a GPU backend, else 0)",
@@ -160,8 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", parents=[model_options(sampling_flags=False)], help="OpenAI-compatible HTTP server with MoI",
         description="Serves /v1/completions, /v1/chat/completions and /v1/models (llama-cpp-python's server) with MoI. "
         "Requests may carry 'beta' (a number, or null for ordinary decoding) and 'moi_top_k'; responses report the ones "
-        "used. Requests are served one at a time, in order. Needs: pip install 'pymoi-cpp[server]'.",
+        "used. Up to --parallel requests generate together (continuous batching: a request joins at the next step); "
+        "up to --max-queue more wait, and beyond that the server answers 503 with Retry-After. "
+        "Needs: pip install 'pymoi-cpp[server]'.",
     )
+    serve.set_defaults(ctx=None)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     serve.add_argument("--port", metavar="N", type=int, default=8000, help="port; 0 picks a free one (default 8000)")
     serve.add_argument("--alias", metavar="NAME", default=None, help="model name in the API (default: the file name without .gguf)")
@@ -170,8 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer KEY' on every route (default: $PYMOI_API_KEY, else none)",
     )
     serve.add_argument(
-        "--parallel", metavar="N", type=positive_int, default=1,
-        help="sequences decoded together: the most choices (n) a request may ask for; each gets --ctx / N tokens (default 1)",
+        "--parallel", metavar="N", type=positive_int, default=4,
+        help="requests (or choices of n > 1) generating together, each in its own sequence of --ctx / N tokens (default 4)",
+    )
+    serve.add_argument(
+        "--max-queue", metavar="N", type=non_negative_int, default=16,
+        help="requests that may wait for a free sequence; more are answered 503 with Retry-After (default 16)",
     )
     evaluate = commands.add_parser(
         "eval", help="does MoI help on this model? generated tasks, several betas, same problems and seeds",
@@ -471,6 +482,8 @@ def run_serve(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as error:
         raise CommandError(f"pymoi serve needs the server extra ({error.name} is missing): pip install 'pymoi-cpp[server]'") from None
 
+    if args.ctx is None:
+        args.ctx = SERVE_CTX_PER_SEQUENCE * args.parallel
     sock = server.listen(args.host, args.port)
     try:
         if not server.is_loopback(args.host):
@@ -480,10 +493,13 @@ def run_serve(args: argparse.Namespace) -> int:
         llm = load_model(args, status)
         try:
             alias = args.alias or os.path.basename(llm.model_path).removesuffix(".gguf")
-            served = server.ServedModel(llm, alias)
-            host, port = sock.getsockname()[:2]
-            print(f"serving '{alias}' at http://{host if ':' not in host else f'[{host}]'}:{port}/v1 (Ctrl-C stops)", flush=True)
-            server.run(server.create_app(served, args.api_key), sock, quiet=args.quiet)
+            served = server.ServedModel(llm, alias, max_waiting=args.max_queue)
+            try:
+                host, port = sock.getsockname()[:2]
+                print(f"serving '{alias}' at http://{host if ':' not in host else f'[{host}]'}:{port}/v1 (Ctrl-C stops)", flush=True)
+                server.run(server.create_app(served, args.api_key), sock, quiet=args.quiet)
+            finally:
+                served.close()
         finally:
             llm.close()
     finally:

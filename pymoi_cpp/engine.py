@@ -141,11 +141,15 @@ class Engine:
             self._waiting.append(generation)
             self._wake.notify()
 
-    def close(self) -> None:
-        """Ends every generation (in progress and waiting) with EngineClosed and stops the thread."""
+    def stop(self) -> None:
+        """Ends every generation (in progress and waiting) with EngineClosed at the next step; returns at once."""
         with self._wake:
             self._closed = True
             self._wake.notify()
+
+    def close(self) -> None:
+        """stop(), then waits for the thread and frees the batch."""
+        self.stop()
         self._thread.join()
         self._batch.close()
         self.llm._forget_context()

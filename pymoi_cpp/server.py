@@ -1,8 +1,10 @@
 """`pymoi serve`: llama-cpp-python's OpenAI-compatible server, generating with MoI.
 
-The completion and chat routes are pymoi's (per-request `beta` / `moi_top_k`, `n` > 1
-as one batch, errors as 4xx before a stream starts, one generation at a time); the
-models and tokenizer routes are llama-cpp-python's own, served from the same app.
+The completion and chat routes are pymoi's: concurrent requests generate together on an
+Engine (continuous batching, up to --parallel at once, a bounded queue beyond, 503 when it
+is full), each with its own `beta` / `moi_top_k`, sampler, seed, grammar and stops; `n` > 1
+takes n sequences; errors are 4xx before a stream starts. The models and tokenizer routes are
+llama-cpp-python's own, served from the same app.
 Every error is an OpenAI-style JSON body: {"error": {"message", "type", "param", "code"}}.
 Needs the `server` extra (FastAPI, uvicorn, sse-starlette).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import random
 import socket
 import threading
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
@@ -32,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from . import __version__
+from .engine import Engine, EngineBusy, EngineClosed, EngineModel
 from .llama import Llama
 from .mixing import validate_beta, validate_top_k
 
@@ -60,9 +64,13 @@ def error_body(message: str, *, param: Optional[str] = None, code: Optional[str]
 
 @contextlib.contextmanager
 def client_errors(param: Optional[str] = None) -> Iterator[None]:
-    """Turns the ValueErrors of argument checks into 400 responses."""
+    """Turns the ValueErrors of argument checks into 400 responses, and a full queue or a stopping engine into 503."""
     try:
         yield
+    except EngineBusy as error:
+        raise RequestError(503, f"the server is busy ({error}): retry later", code="server_busy", headers={"Retry-After": "1"}) from None
+    except EngineClosed as error:
+        raise RequestError(503, str(error), code="shutting_down") from None
     except ValueError as error:
         message = str(error)
         too_long = "context window" in message
@@ -91,19 +99,32 @@ class ChatCompletionRequest(CreateChatCompletionRequest, MoiFields):
 
 
 class ServedModel:
-    """The model this server generates with (its beta and moi_top_k are the defaults), its name, and the gate
-    that serializes generations.
+    """The model this server generates with (its beta and moi_top_k are the defaults), its name, and
+    the engine that batches the generations of concurrent requests.
 
     Callable with a model name like llama-cpp-python's LlamaProxy, so that its routes use it too.
+    A model that cannot take a mixture of inputs (served with --beta off) has no engine: its
+    requests are served one at a time, as stock.
     """
 
-    def __init__(self, llm: Llama, alias: str) -> None:
+    def __init__(self, llm: Llama, alias: str, *, max_waiting: int = 16) -> None:
         self.llm = llm
         self.alias = alias
-        # One generation at a time, in arrival order; a stream holds it until it ends.
-        self.gate = anyio.Semaphore(1)
-        # Set to end the non-streamed generation in progress (a stream ends when its response is cancelled).
-        self.running: Optional[threading.Event] = None
+        self.engine: Optional[Engine] = None if llm.moi_refusal is not None else Engine(llm, max_waiting=max_waiting)
+        self.alone = anyio.Lock()
+        self.running: Optional[threading.Event] = None  # the generation in progress without an engine
+
+    def stop(self) -> None:
+        """Ends every generation in progress (they return what they have) and refuses new ones."""
+        if self.engine is not None:
+            self.engine.stop()
+        elif self.running is not None:
+            self.running.set()
+
+    def close(self) -> None:
+        """stop(), then frees the engine."""
+        if self.engine is not None:
+            self.engine.close()
 
     def __iter__(self) -> Iterator[str]:
         yield self.alias
@@ -126,8 +147,24 @@ class ServedModel:
             top_k = validate_top_k(top_k, self.llm.n_vocab())
         return {"beta": beta, "moi_top_k": top_k}
 
-    async def respond(self, request: Request, body: Any, kwargs: dict[str, Any], method: Callable[..., Any]) -> Any:
-        """Runs method(llm, **kwargs) for the request: a JSON body, or an event stream when it asks to stream."""
+    def choice_models(self, moi: dict[str, Any], n: int, seed: Optional[int], logprobs: bool, client_left: threading.Event) -> list[Any]:
+        """One view of the model per choice, choice i seeded seed + i (a random seed when none is given)."""
+        if self.engine is None:
+            if moi["beta"] is not None:
+                raise RequestError(400, f"this server decodes ordinarily only: {self.llm.moi_refusal}", param="beta")
+            return [self.llm]
+        base = random.getrandbits(32) if seed is None else seed
+        return [
+            EngineModel(
+                self.engine, beta=moi["beta"], moi_top_k=moi["moi_top_k"], seed=(base + index) & 0xFFFFFFFF,
+                keep_logits=logprobs, interrupt=client_left,
+            )
+            for index in range(n)
+        ]
+
+    async def respond(self, request: Request, body: Any, kwargs: dict[str, Any], method: str) -> Any:
+        """Runs model.<method>(**kwargs) for the request on the engine: a JSON body, or an event
+        stream when it asks to stream; n choices as n generations."""
         moi = self.moi_arguments(body)
         n = 1 if body.n is None else body.n
         if n < 1:
@@ -138,40 +175,66 @@ class ServedModel:
                 400, f"n={n} is more choices than this server decodes together (--parallel {parallel}); "
                 f"ask for n <= {parallel} or restart it with --parallel {n}", param="n",
             )
-        if n > 1:
-            kwargs["n"] = n
+        if n > 1 and body.stream:
+            raise RequestError(400, "stream cannot be combined with n > 1", param="stream")
         kwargs["model"] = self.alias
         with client_errors():
-            llm = llama_server.prepare_request_resources(body, self, body.model, kwargs)
-
+            llama_server.prepare_request_resources(body, self, body.model, kwargs)
+        seed = kwargs.pop("seed", None)
+        logprobs = bool(kwargs.get("logprobs")) or kwargs.get("top_logprobs") is not None
         client_left = threading.Event()
+        models = self.choice_models(moi, n, seed, logprobs, client_left)
 
-        def generate() -> Any:
-            with client_errors(), llm.interruptible(client_left):
-                return method(llm, **kwargs, **moi)
+        def generate(model: Any) -> Any:
+            if isinstance(model, EngineModel):
+                model.max_tokens_hint = kwargs.get("max_tokens")
+                with client_errors():
+                    return getattr(model, method)(**kwargs, seed=model._seed)
+            with client_errors(), model.interruptible(client_left):
+                return getattr(model, method)(**kwargs, seed=seed, **moi)
 
+        if self.engine is None:
+            async with self.alone:
+                self.running = client_left
+                try:
+                    return with_moi(await run_watching_departure(request, client_left, lambda: generate(models[0])), moi)
+                finally:
+                    self.running = None
         if body.stream:
-            return await self.stream(generate, moi)
-        async with self.gate:
-            self.running = client_left
-            try:
-                return with_moi(await run_watching_departure(request, client_left, generate), moi)
-            finally:
-                self.running = None
+            return await self.stream(request, lambda: generate(models[0]), moi, client_left)
+        if n == 1:
+            return with_moi(await run_watching_departure(request, client_left, lambda: generate(models[0])), moi)
+        results: list[Any] = [None] * n
 
-    async def stream(self, generate: Callable[[], Iterator[Any]], moi: dict[str, Any]) -> "ModelStream":
-        """An event stream that holds the gate until it ends; errors before the first chunk are 4xx."""
-        await self.gate.acquire()
+        async def choice(index: int) -> None:
+            try:
+                results[index] = await run_watching_departure(request, client_left, lambda: generate(models[index]))
+            except Exception as error:
+                client_left.set()  # ends the other choices
+                results[index] = error
+
+        async with anyio.create_task_group() as tasks:
+            for index in range(n):
+                tasks.start_soon(choice, index)
+        failed = [result for result in results if isinstance(result, Exception)]
+        if failed:
+            raise failed[0]
+        return with_moi(merged_choices(results), moi)
+
+    async def stream(
+        self, request: Request, generate: Callable[[], Iterator[Any]], moi: dict[str, Any], client_left: threading.Event
+    ) -> "ModelStream":
+        """An event stream of the generation; errors before the first chunk are 4xx (503 when busy)."""
         chunks: Optional[Iterator[Any]] = None
 
         async def finish() -> None:
+            client_left.set()
             if chunks is not None:
                 await run_in_threadpool(chunks.close)  # type: ignore[attr-defined]
-            self.gate.release()
 
         try:
             chunks = await run_in_threadpool(generate)
-            first = await run_in_threadpool(next_chunk, chunks)
+            first = await run_watching_departure(request, client_left, lambda: next_chunk(chunks))
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await finish()
@@ -188,6 +251,20 @@ class ServedModel:
             yield "[DONE]"
 
         return ModelStream(events(), finish)
+
+
+def merged_choices(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One response holding the choices of n single-choice responses, choice i at index i."""
+    merged = dict(results[0])
+    merged["choices"] = [{**result["choices"][0], "index": index} for index, result in enumerate(results)]
+    completion_tokens = sum(result["usage"]["completion_tokens"] for result in results)
+    prompt_tokens = results[0]["usage"]["prompt_tokens"]
+    merged["usage"] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    return merged
 
 
 async def run_watching_departure(request: Request, client_left: threading.Event, work: Callable[[], Any]) -> Any:
@@ -262,13 +339,13 @@ async def create_completion(request: Request, body: CompletionRequest) -> Any:
             raise RequestError(400, "one prompt per request; ask for several choices of it with n", param="prompt")
         body.prompt = body.prompt[0] if body.prompt else ""
     kwargs = body.model_dump(exclude={"n", "best_of", "logit_bias_type", "user", "min_tokens", "beta", "moi_top_k"})
-    return await served(request).respond(request, body, kwargs, Llama.create_completion)
+    return await served(request).respond(request, body, kwargs, "create_completion")
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(authenticate)], summary="Chat (MoI)")
 async def create_chat_completion(request: Request, body: ChatCompletionRequest) -> Any:
     kwargs = body.model_dump(exclude={"n", "logit_bias_type", "user", "min_tokens", "beta", "moi_top_k"})
-    return await served(request).respond(request, body, kwargs, Llama.create_chat_completion)
+    return await served(request).respond(request, body, kwargs, "create_chat_completion")
 
 
 @router.get("/health", summary="Health")
@@ -353,16 +430,14 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def run(app: FastAPI, sock: socket.socket, *, quiet: bool) -> None:
-    """Serves app on the bound socket until Ctrl-C or SIGTERM, which end the generation in progress."""
+    """Serves app on the bound socket until Ctrl-C or SIGTERM, which end every generation in progress."""
     import uvicorn
 
     model: ServedModel = app.state.served
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            running = model.running
-            if running is not None:
-                running.set()
+            model.stop()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not quiet, timeout_graceful_shutdown=5)

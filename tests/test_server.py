@@ -254,7 +254,7 @@ def test_a_client_leaving_mid_generation_frees_the_model(server: Server, stream:
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 600}]}, 400, "prompt", "context window"),
         ("/v1/completions", {"prompt": "Hi", "model": "gpt-4o"}, 404, "model", "'gpt-4o' does not exist"),
         ("/v1/completions", {"prompt": "Hi", "n": PARALLEL + 1}, 400, "n", f"--parallel {PARALLEL}"),
-        ("/v1/chat/completions", {"messages": MESSAGES, "n": 2, "stream": True}, 400, None, "cannot be combined with n > 1"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "n": 2, "stream": True}, 400, "stream", "cannot be combined with n > 1"),
         ("/v1/completions", '{"prompt": ', 400, None, "not valid JSON"),
     ],
 )
