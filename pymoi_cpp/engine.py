@@ -225,12 +225,14 @@ class _LaterScores(np.ndarray):
         self.first = getattr(source, "first", 0)
 
     def __getitem__(self, key: Any) -> Any:
-        return super().__getitem__(_shifted(key, self.first))
+        # What an index by position selects is indexed from 0 again.
+        part = super().__getitem__(_shifted(key, self.first))
+        return part.view(np.ndarray) if isinstance(part, np.ndarray) else part
 
 
 def _shifted(key: Any, first: int) -> Any:
     """An index into rows from position `first` on, for an index by position (negative ones count from the end)."""
-    if isinstance(key, tuple):
+    if isinstance(key, tuple) and key:
         return (_shifted(key[0], first),) + key[1:]
     if isinstance(key, (int, np.integer)) and key >= 0:
         return key - first
@@ -249,14 +251,24 @@ class _Scores:
         self._first = first
 
     def __getitem__(self, key: Any) -> Any:
-        if isinstance(key, tuple) and isinstance(key[0], (int, np.integer)):
+        if isinstance(key, tuple) and key and isinstance(key[0], (int, np.integer)):
             return self._rows[_shifted(key[0], self._first)][key[1:]]
-        return np.asarray(self)[key]
+        return self.stacked()[key]
 
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+    def stacked(self) -> _LaterScores:
         scores = np.stack(self._rows).view(_LaterScores)
         scores.first = self._first
-        return scores if dtype is None else scores.astype(dtype)
+        return scores
+
+    # numpy functions and ufuncs (llama_cpp.Llama.logits_to_logprobs) see the whole matrix.
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        return func(*[self.stacked() if arg is self else arg for arg in args], **kwargs)
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        return getattr(ufunc, method)(*[self.stacked() if arg is self else arg for arg in inputs], **kwargs)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self.stacked() if dtype is None else self.stacked().astype(dtype)
 
 
 class EngineModel:

@@ -294,7 +294,12 @@ def next_chunk(chunks: Iterator[Any]) -> Any:
 
 
 def with_moi(response: dict[str, Any], moi: dict[str, Any]) -> dict[str, Any]:
-    """The response with the beta and moi_top_k it was generated with (extra fields OpenAI clients ignore)."""
+    """The response with the beta and moi_top_k it was generated with (extra fields OpenAI clients ignore).
+
+    llama-cpp-python's logprobs hold numpy floats, which JSON encoders refuse: they become floats.
+    """
+    if any(choice.get("logprobs") for choice in response.get("choices", [])):
+        response = json.loads(json.dumps(response, default=float))
     return {**response, **moi}
 
 
@@ -349,8 +354,11 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
 
 
 @router.get("/health", summary="Health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health(request: Request) -> dict[str, Any]:
+    """'ok', with the requests generating and waiting (0 and 0 without an engine)."""
+    engine = served(request).engine
+    generating, waiting = engine.load() if engine is not None else (0, 0)
+    return {"status": "ok", "generating": generating, "waiting": waiting}
 
 
 async def http_error(request: Request, error: Exception) -> JSONResponse:
