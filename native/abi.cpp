@@ -264,13 +264,14 @@ void pymoi_batch_free(pymoi_batch * batch) {
 }
 
 pymoi_status pymoi_batch_add(pymoi_batch * batch, int32_t seq, llama_sampler * sampler, float beta, int32_t top_k,
-                             const llama_token * tokens, int32_t n_tokens) {
+                             const llama_token * tokens, int32_t n_tokens, int32_t n_keep, int32_t * out_n_kept) {
     return guarded([&] {
         if (batch == nullptr || tokens == nullptr) {
             return fail(PYMOI_ERR_INVALID_ARGUMENT, "batch and tokens must not be null");
         }
         std::string error;
-        return to_status(batch->step->add(seq, sampler, beta, top_k, tokens, n_tokens, &error), error);
+        int32_t     n_kept = 0;
+        return to_status(batch->step->add(seq, sampler, beta, top_k, tokens, n_tokens, n_keep, out_n_kept ? out_n_kept : &n_kept, &error), error);
     });
 }
 
@@ -284,11 +285,11 @@ pymoi_status pymoi_batch_step(pymoi_batch * batch, llama_token * out_tokens) {
     });
 }
 
-pymoi_status pymoi_batch_finish(pymoi_batch * batch, int32_t seq) {
+pymoi_status pymoi_batch_finish(pymoi_batch * batch, int32_t seq, int32_t n_keep) {
     return guarded([&] {
         if (batch == nullptr) return fail(PYMOI_ERR_INVALID_ARGUMENT, "batch must not be null");
         std::string error;
-        return to_status(batch->step->finish(seq, &error), error);
+        return to_status(batch->step->finish(seq, n_keep, &error), error);
     });
 }
 

@@ -55,7 +55,7 @@ int BatchStep::check_sequence(int32_t seq, std::string * error) const {
 }
 
 int BatchStep::add(int32_t seq, llama_sampler * sampler, float beta, int32_t top_k, const llama_token * tokens,
-                   int32_t n_tokens, std::string * error) {
+                   int32_t n_tokens, int32_t n_keep, int32_t * n_kept, std::string * error) {
     int status = check_sequence(seq, error);
     if (status != PYMOI_OK) return status;
     const size_t s = static_cast<size_t>(seq);
@@ -72,6 +72,11 @@ int BatchStep::add(int32_t seq, llama_sampler * sampler, float beta, int32_t top
                  " tokens; a prompt needs at least 1 and fewer than the " + std::to_string(n_ctx_seq_) + " a sequence holds";
         return PYMOI_ERR_INVALID_ARGUMENT;
     }
+    if (n_keep < 0 || n_keep >= n_tokens) {
+        *error = "n_keep must be between 0 and the prompt's length minus 1 (" + std::to_string(n_tokens - 1) + "); got " +
+                 std::to_string(n_keep);
+        return PYMOI_ERR_INVALID_ARGUMENT;
+    }
     for (int32_t i = 0; i < n_tokens; ++i) {
         if (tokens[i] < 0 || tokens[i] >= input_.n_vocab()) {
             *error = "the prompt of sequence " + std::to_string(seq) + " holds token " + std::to_string(tokens[i]) +
@@ -83,10 +88,18 @@ int BatchStep::add(int32_t seq, llama_sampler * sampler, float beta, int32_t top
         status = input_.prepare(beta, top_k, scratch, error);
         if (status != PYMOI_OK) return status;
     }
-    llama_memory_seq_rm(llama_get_memory(ctx_), seq, -1, -1);
+    llama_memory_t memory = llama_get_memory(ctx_);
+    // A sliding window or a recurrent state may not hold the kept prefix as a whole.
+    const bool kept = n_keep > 0 && llama_memory_seq_rm(memory, seq, n_keep, -1) &&
+                      llama_memory_seq_pos_min(memory, seq) == 0 && llama_memory_seq_pos_max(memory, seq) == n_keep - 1;
+    if (!kept) {
+        n_keep = 0;
+        llama_memory_seq_rm(memory, seq, -1, -1);
+    }
+    *n_kept = n_keep;
     prompts_[s].assign(tokens, tokens + n_tokens);
-    prompt_read_[s] = 0;
-    n_past_[s]      = 0;
+    prompt_read_[s] = n_keep;
+    n_past_[s]      = n_keep;
     logits_row_[s]  = -1;
     samplers_[s]    = sampler;
     betas_[s]       = beta;
@@ -162,7 +175,7 @@ int BatchStep::step(llama_token * tokens, std::string * error) {
     std::fill(status_.begin(), status_.end(), static_cast<int>(PYMOI_OK));
     if (n_sharing_ > 1) {
         pool_.run(&BatchStep::sample_share, this);
-    } else if (n_live_ == 1) {
+    } else if (n_live_ > 0) {
         sample_share(this, 0);
     }
     for (size_t w = 0; w < status_.size(); ++w) {
@@ -224,10 +237,11 @@ void BatchStep::sample(int32_t j, int worker) {
     }
 }
 
-int BatchStep::finish(int32_t seq, std::string * error) {
+int BatchStep::finish(int32_t seq, int32_t n_keep, std::string * error) {
     const int status = check_sequence(seq, error);
     if (status != PYMOI_OK) return status;
     const size_t s = static_cast<size_t>(seq);
+    n_keep         = std::max(0, std::min(n_keep, prompt_read_[s]));
     if (state_[s] == State::reading) {
         reading_order_.erase(std::find(reading_order_.begin(), reading_order_.end(), seq));
     }
@@ -235,7 +249,8 @@ int BatchStep::finish(int32_t seq, std::string * error) {
     samplers_[s]   = nullptr;
     logits_row_[s] = -1;
     rows_.remove_sequence(seq);
-    llama_memory_seq_rm(llama_get_memory(ctx_), seq, -1, -1);
+    llama_memory_t memory = llama_get_memory(ctx_);
+    if (n_keep == 0 || !llama_memory_seq_rm(memory, seq, n_keep, -1)) llama_memory_seq_rm(memory, seq, -1, -1);
     return PYMOI_OK;
 }
 

@@ -28,10 +28,13 @@ class BatchStep {
     // All return a pymoi_status; `error` is set on failure.
 
     // Starts sequence `seq` (which must be free) on a prompt of n_tokens >= 1
-    // tokens: its KV cells are cleared and the following steps read the prompt.
+    // tokens, of which the first n_keep (< n_tokens) are those its KV cells hold
+    // from before: they are kept if the memory holds exactly positions 0..n_keep-1
+    // after the rest is dropped, otherwise the cells are cleared. The following
+    // steps read the rest of the prompt; *n_kept says how many were kept.
     // `sampler` is borrowed until finish(seq); beta and top_k are the sequence's.
     int add(int32_t seq, llama_sampler * sampler, float beta, int32_t top_k, const llama_token * tokens,
-            int32_t n_tokens, std::string * error);
+            int32_t n_tokens, int32_t n_keep, int32_t * n_kept, std::string * error);
     // One decode: the pending mixtures of the generating sequences and up to
     // n_batch rows of prompts (in the order the sequences were added), fed as the
     // prompt tokens' own embedding rows (the input probe proved them equal to token
@@ -39,9 +42,10 @@ class BatchStep {
     // tokens[seq] and mixes its next input; other sequences get -1. A sequence whose
     // context is full gets its last token and no further input.
     int step(llama_token * tokens, std::string * error);
-    // Ends sequence `seq`: its pending input is dropped, its KV cells freed and its
-    // sampler released.
-    int finish(int32_t seq, std::string * error);
+    // Ends sequence `seq`: its pending input is dropped, its KV cells past the
+    // first n_keep prompt positions freed (all where the memory cannot drop a
+    // tail), and its sampler released.
+    int finish(int32_t seq, int32_t n_keep, std::string * error);
     // The raw logits (n_vocab floats) that the latest step sampled sequence `seq`
     // from; valid until the next step.
     int logits(int32_t seq, const float ** out, std::string * error) const;

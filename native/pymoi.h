@@ -171,10 +171,15 @@ PYMOI_API void pymoi_batch_free(pymoi_batch * batch);
 
 // Starts sequence `seq` (free: never added, or finished) on a prompt of
 // n_tokens >= 1 tokens (copied), with its own sampler (borrowed until
-// pymoi_batch_finish(seq)), beta (as for pymoi_session_begin) and moi_top_k. Its
-// KV cells are cleared; the following steps read the prompt.
+// pymoi_batch_finish(seq)), beta (as for pymoi_session_begin) and moi_top_k.
+// The caller says that the sequence's KV cells hold the first n_keep
+// (0 <= n_keep < n_tokens) prompt tokens from before (kept by
+// pymoi_batch_finish): they are reused when the memory holds exactly positions
+// 0..n_keep-1, otherwise the cells are cleared; *out_n_kept (may be null) says
+// which. The following steps read the rest.
 PYMOI_API pymoi_status pymoi_batch_add(pymoi_batch * batch, int32_t seq, struct llama_sampler * sampler, float beta,
-                                       int32_t top_k, const llama_token * tokens, int32_t n_tokens);
+                                       int32_t top_k, const llama_token * tokens, int32_t n_tokens, int32_t n_keep,
+                                       int32_t * out_n_kept);
 
 // One step: a single llama_decode of the mixtures left by the previous step
 // and of up to n_batch rows of the prompts still being read (oldest sequence
@@ -187,9 +192,11 @@ PYMOI_API pymoi_status pymoi_batch_add(pymoi_batch * batch, int32_t seq, struct 
 // token and no more; finish it.
 PYMOI_API pymoi_status pymoi_batch_step(pymoi_batch * batch, llama_token * out_tokens);
 
-// Ends sequence `seq`: drops its pending input, frees its KV cells and
-// releases its sampler; the sequence is free for pymoi_batch_add.
-PYMOI_API pymoi_status pymoi_batch_finish(pymoi_batch * batch, int32_t seq);
+// Ends sequence `seq`: drops its pending input, frees its KV cells past the
+// first n_keep prompt positions (all of them where the memory cannot drop a
+// tail; positions fed mixtures are never kept) and releases its sampler; the
+// sequence is free for pymoi_batch_add.
+PYMOI_API pymoi_status pymoi_batch_finish(pymoi_batch * batch, int32_t seq, int32_t n_keep);
 
 // The raw logits (n_vocab floats, owned by the context) that the latest step
 // sampled sequence `seq`'s token from; valid until the next step.

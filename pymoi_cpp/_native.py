@@ -106,11 +106,12 @@ def _load() -> ctypes.CDLL:
         "pymoi_batch_open": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_void_p)], ctypes.c_int),
         "pymoi_batch_free": ([ctypes.c_void_p], None),
         "pymoi_batch_add": (
-            [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float, ctypes.c_int32, c_int32_p, ctypes.c_int32],
+            [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float, ctypes.c_int32, c_int32_p, ctypes.c_int32,
+             ctypes.c_int32, c_int32_p],
             ctypes.c_int,
         ),
         "pymoi_batch_step": ([ctypes.c_void_p, c_int32_p], ctypes.c_int),
-        "pymoi_batch_finish": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_int),
+        "pymoi_batch_finish": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32], ctypes.c_int),
         "pymoi_batch_logits": ([ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(c_float_p)], ctypes.c_int),
     }
     for name, (argtypes, restype) in signatures.items():

@@ -55,19 +55,23 @@ class NativeBatch:
         check(lib.pymoi_batch_open(session, ctx, n_seq, ctypes.byref(handle)))
         self._handle: Optional[ctypes.c_void_p] = handle
 
-    def add(self, seq: int, sampler: Any, beta: float, top_k: int, prompt: Sequence[int]) -> None:
-        """Starts sequence `seq` on `prompt` with a llama_cpp sampler (kept alive by the caller until finish)."""
+    def add(self, seq: int, sampler: Any, beta: float, top_k: int, prompt: Sequence[int], n_keep: int = 0) -> int:
+        """Starts sequence `seq` on `prompt` with a llama_cpp sampler (kept alive by the caller until finish),
+        reusing the KV cells of the first n_keep prompt tokens where finish() kept them; returns how many it reused."""
         tokens = (ctypes.c_int32 * len(prompt))(*prompt)
         pointer = ctypes.cast(sampler.sampler, ctypes.c_void_p)
-        check(lib.pymoi_batch_add(self._handle, seq, pointer, beta, top_k, tokens, len(prompt)))
+        kept = ctypes.c_int32(0)
+        check(lib.pymoi_batch_add(self._handle, seq, pointer, beta, top_k, tokens, len(prompt), n_keep, ctypes.byref(kept)))
+        return kept.value
 
     def step(self) -> list[int]:
         """One decode; each sequence's sampled token, -1 where it sampled none."""
         check(lib.pymoi_batch_step(self._handle, self._tokens))
         return list(self._tokens)
 
-    def finish(self, seq: int) -> None:
-        check(lib.pymoi_batch_finish(self._handle, seq))
+    def finish(self, seq: int, n_keep: int = 0) -> None:
+        """Ends sequence `seq`, keeping the KV cells of its first n_keep prompt tokens for a later add()."""
+        check(lib.pymoi_batch_finish(self._handle, seq, n_keep))
 
     def logits(self, seq: int) -> np.ndarray:
         """A copy of the raw logits that the latest step sampled sequence `seq` from."""

@@ -22,7 +22,7 @@ import numpy as np
 from llama_cpp import LlamaGrammar, LogitsProcessorList, StoppingCriteriaList
 
 from .batch import NativeBatch
-from .llama import Llama
+from .llama import GenerationCounts, Llama
 
 
 class EngineBusy(RuntimeError):
@@ -60,6 +60,7 @@ class Generation:
         self.stop_tokens = stop_tokens
         self.keep_logits = keep_logits
         self.generated: list[int] = []
+        self.cached_tokens = 0  # prompt tokens whose KV cells were reused, not read again
         self.logits: list[np.ndarray] = []
         self._interrupt = interrupt
         self._cancelled = threading.Event()
@@ -113,6 +114,8 @@ class Engine:
         session = llm._require_session()
         self._batch = NativeBatch(session, ctypes.cast(llm._ctx.ctx, ctypes.c_void_p), llm.n_seq_max, llm.n_vocab())
         self._slots: list[Optional[Generation]] = [None] * llm.n_seq_max
+        # Per slot, the prompt tokens whose KV cells its last generation left (never positions fed a mixture).
+        self._cached: list[list[int]] = [[] for _ in range(llm.n_seq_max)]
         self._waiting: collections.deque[Generation] = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -175,18 +178,27 @@ class Engine:
         for seq, generation in enumerate(self._slots):
             if generation is not None and generation.cancelled:
                 self._release(seq)
-        for seq in range(len(self._slots)):
-            while self._slots[seq] is None and self._waiting:
-                generation = self._waiting.popleft()
-                if generation.cancelled:
-                    generation._end()
-                    continue
-                try:
-                    self._batch.add(seq, generation.sampler, generation.native_beta, generation.top_k, generation.prompt)
-                except Exception as error:
-                    generation._end(error)
-                    continue
-                self._slots[seq] = generation
+        while self._waiting:
+            free = [seq for seq, slot in enumerate(self._slots) if slot is None]
+            if not free:
+                return
+            generation = self._waiting.popleft()
+            if generation.cancelled:
+                generation._end()
+                continue
+            # The free slot whose cached prompt shares the longest prefix, as llama-server picks a slot.
+            shared = {seq: Llama.longest_token_prefix(self._cached[seq], generation.prompt) for seq in free}
+            seq = max(free, key=lambda candidate: shared[candidate])
+            n_keep = min(shared[seq], len(generation.prompt) - 1)
+            self._cached[seq] = []
+            try:
+                generation.cached_tokens = self._batch.add(
+                    seq, generation.sampler, generation.native_beta, generation.top_k, generation.prompt, n_keep
+                )
+            except Exception as error:
+                generation._end(error)
+                continue
+            self._slots[seq] = generation
 
     def _step(self) -> None:
         try:
@@ -210,7 +222,10 @@ class Engine:
     def _release(self, seq: int, error: Optional[BaseException] = None) -> None:
         generation = self._slots[seq]
         self._slots[seq] = None
-        self._batch.finish(seq)
+        # Once it sampled a token its prompt was read whole: those cells serve a later prompt that starts alike.
+        kept = generation.prompt if generation is not None and generation.generated and error is None else []
+        self._batch.finish(seq, len(kept))
+        self._cached[seq] = kept
         if generation is not None:
             generation._end(error)
 
@@ -313,16 +328,30 @@ class EngineModel:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._llm, name)
 
+    @property
+    def last_generation(self) -> GenerationCounts:
+        """Prompt tokens and the tokens handed out (end-of-generation tokens not counted) of this view's generation."""
+        generation = self._generation
+        if generation is None:
+            return GenerationCounts()
+        handed_out = generation.generated[: self._handed_out]
+        return GenerationCounts(len(generation.prompt), sum(token not in generation.stop_tokens for token in handed_out))
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens of this view's generation whose KV cells an earlier generation left."""
+        return 0 if self._generation is None else self._generation.cached_tokens
+
     def set_seed(self, seed: int) -> None:
         self._seed = seed
 
     @property
     def _input_ids(self) -> np.ndarray:
-        """Prompt and the tokens handed out so far."""
+        """Prompt and the tokens sampled so far (what logits processors see while the engine samples)."""
         generation = self._generation
         if generation is None:
             return np.zeros(0, dtype=np.intc)
-        return np.array(generation.prompt + generation.generated[: self._handed_out], dtype=np.intc)
+        return np.array(generation.prompt + generation.generated, dtype=np.intc)
 
     @property
     def _scores(self) -> Any:
@@ -380,9 +409,11 @@ class EngineModel:
     def _tokens(self, generation: Generation, stopping_criteria: Optional[StoppingCriteriaList]) -> Iterator[int]:
         try:
             for token in generation.tokens():
-                if stopping_criteria is not None and stopping_criteria(self._input_ids, self._scores[-1, :]):
-                    return
-                yield token
+                if stopping_criteria is not None:
+                    handed_out = np.array(generation.prompt + generation.generated[: self._handed_out], dtype=np.intc)
+                    if stopping_criteria(handed_out, self._scores[-1, :]):
+                        return
                 self._handed_out += 1
+                yield token
         finally:
             generation.cancel()

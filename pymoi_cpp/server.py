@@ -79,7 +79,12 @@ def client_errors(param: Optional[str] = None) -> Iterator[None]:
         ) from None
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(default=False, description="Send a last chunk with the token usage of the stream.")
+
+
 class MoiFields(BaseModel):
+    stream_options: Optional[StreamOptions] = Field(default=None, description="Options of a streamed response.")
     beta: Optional[float] = Field(
         default=None,
         description="MoI strength for this request: >= 0, <= -99 for the direct mixture, null for ordinary "
@@ -181,7 +186,8 @@ class ServedModel:
         with client_errors():
             llama_server.prepare_request_resources(body, self, body.model, kwargs)
         seed = kwargs.pop("seed", None)
-        logprobs = bool(kwargs.get("logprobs")) or kwargs.get("top_logprobs") is not None
+        # Completions ask with a count (0 included), chats with true.
+        logprobs = kwargs.get("logprobs") is not None and kwargs.get("logprobs") is not False
         client_left = threading.Event()
         models = self.choice_models(moi, n, seed, logprobs, client_left)
 
@@ -189,7 +195,8 @@ class ServedModel:
             if isinstance(model, EngineModel):
                 model.max_tokens_hint = kwargs.get("max_tokens")
                 with client_errors():
-                    return getattr(model, method)(**kwargs, seed=model._seed)
+                    response = getattr(model, method)(**kwargs, seed=model._seed)
+                return response if body.stream else with_cached_tokens(response, model.cached_tokens)
             with client_errors(), model.interruptible(client_left):
                 return getattr(model, method)(**kwargs, seed=seed, **moi)
 
@@ -201,7 +208,8 @@ class ServedModel:
                 finally:
                     self.running = None
         if body.stream:
-            return await self.stream(request, lambda: generate(models[0]), moi, client_left)
+            usage = models[0] if body.stream_options is not None and body.stream_options.include_usage else None
+            return await self.stream(request, lambda: generate(models[0]), moi, client_left, usage)
         if n == 1:
             return with_moi(await run_watching_departure(request, client_left, lambda: generate(models[0])), moi)
         results: list[Any] = [None] * n
@@ -222,9 +230,11 @@ class ServedModel:
         return with_moi(merged_choices(results), moi)
 
     async def stream(
-        self, request: Request, generate: Callable[[], Iterator[Any]], moi: dict[str, Any], client_left: threading.Event
+        self, request: Request, generate: Callable[[], Iterator[Any]], moi: dict[str, Any], client_left: threading.Event,
+        usage: Optional[Any] = None,
     ) -> "ModelStream":
-        """An event stream of the generation; errors before the first chunk are 4xx (503 when busy)."""
+        """An event stream of the generation; errors before the first chunk are 4xx (503 when busy).
+        With a `usage` model, a last chunk carries its last_generation's token counts."""
         chunks: Optional[Iterator[Any]] = None
 
         async def finish() -> None:
@@ -241,16 +251,29 @@ class ServedModel:
             raise
 
         async def events() -> AsyncIterator[str]:
-            chunk = first
+            chunk, last = first, first
             try:
                 while chunk is not None:
                     yield json.dumps(with_moi(chunk, moi))
-                    chunk = await run_in_threadpool(next_chunk, chunks)
+                    last, chunk = chunk, await run_in_threadpool(next_chunk, chunks)
             except RequestError as error:
                 yield json.dumps(error_body(str(error.detail), param=error.param, code=error.code))
+            else:
+                if usage is not None:
+                    counts = usage.last_generation
+                    tokens = {"prompt_tokens": counts.prompt_tokens, "completion_tokens": counts.completion_tokens}
+                    tokens["total_tokens"] = counts.prompt_tokens + counts.completion_tokens
+                    final = with_cached_tokens({**last, "choices": [], "usage": tokens}, usage.cached_tokens)
+                    yield json.dumps(with_moi(final, moi))
             yield "[DONE]"
 
         return ModelStream(events(), finish)
+
+
+def with_cached_tokens(response: dict[str, Any], cached: int) -> dict[str, Any]:
+    """The response with OpenAI's usage.prompt_tokens_details.cached_tokens: prompt tokens whose KV cells an
+    earlier request left and that were not read again."""
+    return {**response, "usage": {**response["usage"], "prompt_tokens_details": {"cached_tokens": cached}}}
 
 
 def merged_choices(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -260,6 +283,7 @@ def merged_choices(results: list[dict[str, Any]]) -> dict[str, Any]:
     completion_tokens = sum(result["usage"]["completion_tokens"] for result in results)
     prompt_tokens = results[0]["usage"]["prompt_tokens"]
     merged["usage"] = {
+        **results[0]["usage"],
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
@@ -343,13 +367,13 @@ async def create_completion(request: Request, body: CompletionRequest) -> Any:
         if len(body.prompt) > 1:
             raise RequestError(400, "one prompt per request; ask for several choices of it with n", param="prompt")
         body.prompt = body.prompt[0] if body.prompt else ""
-    kwargs = body.model_dump(exclude={"n", "best_of", "logit_bias_type", "user", "min_tokens", "beta", "moi_top_k"})
+    kwargs = body.model_dump(exclude={"n", "best_of", "logit_bias_type", "user", "min_tokens", "beta", "moi_top_k", "stream_options"})
     return await served(request).respond(request, body, kwargs, "create_completion")
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(authenticate)], summary="Chat (MoI)")
 async def create_chat_completion(request: Request, body: ChatCompletionRequest) -> Any:
-    kwargs = body.model_dump(exclude={"n", "logit_bias_type", "user", "min_tokens", "beta", "moi_top_k"})
+    kwargs = body.model_dump(exclude={"n", "logit_bias_type", "user", "min_tokens", "beta", "moi_top_k", "stream_options"})
     return await served(request).respond(request, body, kwargs, "create_chat_completion")
 
 

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import llama_cpp
 import pytest
 
+import pymoi_cpp
 from serving import API_KEY, Server, post, start_server
 
 PARALLEL = 4
@@ -60,6 +61,7 @@ class TimedStream:
     def __init__(self, server: Server, body: dict[str, Any]) -> None:
         self.times: list[float] = []
         self.texts: list[str] = []
+        self.chunks: list[dict[str, Any]] = []
         self.done = threading.Event()
         self.error: list[BaseException] = []
         self._connection = http.client.HTTPConnection(server.host, server.port, timeout=120)
@@ -78,6 +80,9 @@ class TimedStream:
                     continue
                 chunk = json.loads(data)
                 assert "error" not in chunk, chunk
+                self.chunks.append(chunk)
+                if not chunk["choices"]:
+                    continue
                 self.times.append(time.monotonic())
                 self.texts.append(chunk["choices"][0]["text"])
         except BaseException as error:  # reported by wait()
@@ -145,14 +150,17 @@ def test_a_long_prompt_does_not_freeze_a_running_stream(server: Server) -> None:
     long_prompt = "The quick brown fox jumps over the lazy dog near the river bank. " * 90
     n_prompt = completion(server, {"prompt": long_prompt, "max_tokens": 1, **GREEDY})["usage"]["prompt_tokens"]
     assert n_prompt > 1000
+    # Each long prompt starts differently, so that none reuses the cells another left.
     start = time.monotonic()
-    completion(server, {"prompt": long_prompt + " Again.", "max_tokens": 1, **GREEDY})
+    alone = completion(server, {"prompt": "Alone. " + long_prompt, "max_tokens": 1, **GREEDY})
     prefill_alone = time.monotonic() - start
+    assert alone["usage"]["prompt_tokens_details"]["cached_tokens"] < 10
 
     stream = TimedStream(server, {"prompt": PROMPTS[1], "max_tokens": 400, **GREEDY})
     stream.wait_for_chunks(5)
     sent = time.monotonic()
-    completion(server, {"prompt": long_prompt + " Once more.", "max_tokens": 1, **GREEDY})
+    beside = completion(server, {"prompt": "Beside. " + long_prompt, "max_tokens": 1, **GREEDY})
+    assert beside["usage"]["prompt_tokens_details"]["cached_tokens"] < 10
     answered = time.monotonic()
     stream.wait()
     during = [t for t in stream.times if sent <= t <= answered]
@@ -269,3 +277,52 @@ def test_sigterm_ends_generations_in_progress(smollm2_path: str, tmp_path: pathl
     assert time.monotonic() - sent < 10, "the generations in progress held the server"
     for stream in streams:
         assert stream.done.wait(10)
+
+
+def stream_chunks(server: Server, body: dict[str, Any]) -> list[dict[str, Any]]:
+    stream = TimedStream(server, body)
+    stream.wait()
+    return stream.chunks
+
+
+def test_sampling_options_per_request_beside_others(server: Server) -> None:
+    greedy = {"prompt": PROMPTS[0], "max_tokens": 24, **GREEDY}
+    first_text = text_of(server, greedy)
+    status, tokens = post(server, "/extras/tokenize", {"input": first_text})
+    assert status == 200
+    banned = tokens["tokens"][0]
+    bodies = [
+        {**greedy, "logit_bias": {str(banned): -100}},
+        {"prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0.8, "seed": 3, "presence_penalty": 0.5,
+         "frequency_penalty": 0.3, "repeat_penalty": 1.2, "beta": 0.5},
+        {"prompt": PROMPTS[2], "max_tokens": 24, "temperature": 0.7, "top_k": 5, "top_p": 0.8, "min_p": 0.1, "seed": 11},
+    ]
+    alone = [text_of(server, body) for body in bodies]
+    streamed = {"prompt": PROMPTS[3], "max_tokens": 24, **GREEDY, "stream_options": {"include_usage": True}}
+    usage_alone = completion(server, streamed)["usage"]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        chunks = pool.submit(stream_chunks, server, streamed)
+        together = list(pool.map(lambda body: text_of(server, body), bodies))
+        events = chunks.result()
+    assert together == alone
+    status, biased = post(server, "/extras/tokenize", {"input": together[0]})
+    assert banned not in biased["tokens"] and together[0] != first_text
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == usage_alone
+    assert all("usage" not in event for event in events[:-1])
+
+
+def test_a_chat_turn_reuses_the_previous_prompt(server: Server, smollm2_path: str) -> None:
+    messages = [{"role": "user", "content": "Name a large animal that lives in the sea."}]
+    chat = {"max_tokens": 24, "beta": 1.0, **GREEDY}
+    first = completion(server, {"messages": messages, **chat}, "/v1/chat/completions")
+    messages += [first["choices"][0]["message"], {"role": "user", "content": "And a small one?"}]
+    second = completion(server, {"messages": messages, **chat}, "/v1/chat/completions")
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    # Everything up to the previous reply, whose positions were fed mixtures, is reused.
+    assert first["usage"]["prompt_tokens"] - 8 <= cached <= first["usage"]["prompt_tokens"]
+    llm = pymoi_cpp.Llama(smollm2_path, beta=1.0, n_ctx=CTX, n_seq_max=PARALLEL, n_threads=2, verbose=False)
+    try:
+        expected = llm.create_chat_completion(messages=messages, max_tokens=24, temperature=0.0, repeat_penalty=1.0)
+    finally:
+        llm.close()
+    assert second["choices"][0]["message"]["content"] == expected["choices"][0]["message"]["content"]
