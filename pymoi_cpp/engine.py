@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import llama_cpp
 import numpy as np
-from llama_cpp import LlamaGrammar, LogitsProcessorList, StoppingCriteriaList
+from llama_cpp import StoppingCriteriaList
 
 from .batch import NativeBatch
 from .llama import GenerationCounts, Llama
@@ -158,20 +158,26 @@ class Engine:
         self.llm._forget_context()
 
     def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._closed and not self._waiting and all(slot is None for slot in self._slots):
-                    self._wake.wait()
-                if self._closed:
-                    break
-                self._admit()
-            self._step()
-        closed = EngineClosed("the server is shutting down")
-        for seq, generation in enumerate(self._slots):
-            if generation is not None:
-                self._release(seq, closed)
-        while self._waiting:
-            self._waiting.popleft()._end(closed)
+        ending: BaseException = EngineClosed("the server is shutting down")
+        try:
+            while True:
+                with self._wake:
+                    while not self._closed and not self._waiting and all(slot is None for slot in self._slots):
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    self._admit()
+                self._step()
+        except Exception as error:  # a bug here must not leave requests waiting forever
+            ending = EngineClosed(f"the generation engine stopped: {error}")
+        with self._wake:
+            self._closed = True
+            for generation in self._slots:
+                if generation is not None:
+                    generation._end(ending)
+            self._slots = [None] * len(self._slots)  # close() clears the context
+            while self._waiting:
+                self._waiting.popleft()._end(ending)
 
     def _admit(self) -> None:
         """Ends cancelled generations and moves waiting ones into free slots (under the lock)."""
@@ -363,26 +369,12 @@ class EngineModel:
     def generate(
         self,
         tokens: Sequence[int],
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        typical_p: float = 1.0,
-        temp: float = 0.80,
-        repeat_penalty: float = 1.0,
-        reset: bool = True,
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        tfs_z: float = 1.0,
-        mirostat_mode: int = 0,
-        mirostat_tau: float = 5.0,
-        mirostat_eta: float = 0.1,
-        penalize_nl: bool = True,
-        logits_processor: Optional[LogitsProcessorList] = None,
+        *,
         stopping_criteria: Optional[StoppingCriteriaList] = None,
-        grammar: Optional[LlamaGrammar] = None,
+        **sampling: Any,
     ) -> Iterator[int]:
-        """llama_cpp.Llama.generate on the engine: queued now (EngineBusy when the queue is full),
-        tokens as the engine samples them."""
+        """llama_cpp.Llama.generate on the engine (its sampling options are llama_cpp.Llama._init_sampler's):
+        queued now (EngineBusy when the queue is full), tokens as the engine samples them."""
         if not tokens:
             raise ValueError("generate() needs at least one prompt token")
         if len(tokens) >= self._n_ctx:
@@ -390,12 +382,7 @@ class EngineModel:
                 f"the prompt has {len(tokens)} tokens but the context window holds {self._n_ctx}: "
                 "shorten the prompt or start the server with a larger context"
             )
-        sampler = self._init_sampler(
-            top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, temp=temp, repeat_penalty=repeat_penalty,
-            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, tfs_z=tfs_z,
-            mirostat_mode=mirostat_mode, mirostat_eta=mirostat_eta, mirostat_tau=mirostat_tau, penalize_nl=penalize_nl,
-            logits_processor=logits_processor, grammar=grammar,
-        )
+        sampler = self._init_sampler(**sampling)
         room = self._n_ctx - len(tokens)
         limit = room if self.max_tokens_hint is None or self.max_tokens_hint <= 0 else min(room, self.max_tokens_hint)
         generation = Generation(

@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 PYMOI = pathlib.Path(sys.executable).with_name("pymoi")
 API_KEY = "sk-test-4b1d"
@@ -75,3 +75,12 @@ def stream_events(server: Server, path: str, body: dict[str, Any]) -> list[Any]:
             assert raw == "" or raw.startswith(":"), f"not a server-sent event line: {raw!r}"
     connection.close()
     return events
+
+
+def served(folder: pathlib.Path, model: str, ctx: int, parallel: int) -> Iterator[Server]:
+    """A server of `model` with the test key, for a fixture to yield from; stopped afterwards."""
+    running = start_server(
+        folder, model, "--port", "0", "--ctx", str(ctx), "--parallel", str(parallel), "--threads", "2", "--api-key", API_KEY
+    )
+    yield running
+    running.stop()

@@ -9,6 +9,7 @@ implies reproduces them), then that pymoi's probe found that same feed."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import math
@@ -22,6 +23,7 @@ import llama_cpp
 import pytest
 
 import pymoi_cpp
+from pymoi_cpp.engine import Engine, EngineModel
 from tiny_attention_models import QWEN3VL_N_DEEPSTACK_LAYERS, feed_rows_greedy, write_attention_model
 from tiny_models import _add_vocab, write_tiny_model
 from tiny_recurrent_models import write_recurrent_model
@@ -267,3 +269,27 @@ def test_the_command_line_names_a_refusal_and_runs_with_beta_off(arch_dir: pathl
     assert "architecture 'gemma4'" in refused.stderr and "Traceback" not in refused.stderr
     plain = subprocess.run([*pymoi, "--beta", "off", "--quiet"], capture_output=True, text=True, timeout=120)
     assert plain.returncode == 0, plain.stderr
+
+
+@pytest.mark.parametrize("family", SUPPORTED, ids=lambda f: f.name)
+def test_concurrent_generations_on_the_engine(family: Family, arch_dir: pathlib.Path) -> None:
+    """Two generations at a time on the serving engine, twice, the second round extending the
+    first round's prompts (reused where the memory can keep a prefix, read again where it cannot):
+    one-hot MoI gives stock greedy tokens throughout."""
+    path = family.path(arch_dir)
+    first = [stock_greedy(path, prompt) for prompt in (PROMPT, OTHER_PROMPT)]
+    extended = [PROMPT + first[0][:3], OTHER_PROMPT + first[1][:5]]
+    second = [stock_greedy(path, prompt) for prompt in extended]
+    llm = moi_llama(path, beta=1.0, moi_top_k=1, n_seq_max=2)
+    engine = Engine(llm)
+    try:
+        for prompts, expected in (([PROMPT, OTHER_PROMPT], first), (extended, second)):
+            views = [EngineModel(engine, beta=1.0, moi_top_k=1, seed=1) for _ in prompts]
+            for view in views:
+                view.max_tokens_hint = N_TOKENS
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                got = list(pool.map(lambda job: list(job[0].generate(job[1], temp=0.0)), zip(views, prompts)))
+            assert got == expected
+    finally:
+        engine.close()
+        llm.close()

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 import pymoi_cpp
-from serving import API_KEY, PYMOI, Server, post, start_server, stream_events
+from serving import API_KEY, served, PYMOI, Server, post, start_server, stream_events
 
 CTX, PARALLEL = 2048, 4  # 512 tokens per sequence
 GREEDY = {"temperature": 0.0, "max_tokens": 24, "seed": 1}
@@ -30,12 +30,7 @@ MESSAGES = [{"role": "user", "content": "Write a haiku about the sea."}]
 
 @pytest.fixture(scope="module")
 def server(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(
-        tmp_path_factory.mktemp("server"), smollm2_path, "--port", "0", "--ctx", str(CTX), "--parallel", str(PARALLEL),
-        "--threads", "2", "--api-key", API_KEY,
-    )
-    yield running
-    running.stop()
+    yield from served(tmp_path_factory.mktemp("server"), smollm2_path, CTX, PARALLEL)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import llama_cpp
 import pytest
 
 import pymoi_cpp
-from serving import API_KEY, Server, post, start_server
+from serving import API_KEY, served, Server, post, start_server
 
 PARALLEL = 4
 CTX = 4 * 2048  # 2048 tokens per sequence
@@ -29,12 +29,7 @@ BETAS = [1.0, None, 0.5, -100.0]  # -100: the direct mixture
 
 @pytest.fixture(scope="module")
 def server(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(
-        tmp_path_factory.mktemp("batching"), smollm2_path, "--port", "0", "--ctx", str(CTX), "--parallel", str(PARALLEL),
-        "--threads", "2", "--api-key", API_KEY,
-    )
-    yield running
-    running.stop()
+    yield from served(tmp_path_factory.mktemp("batching"), smollm2_path, CTX, PARALLEL)
 
 
 def completion(server: Server, body: dict[str, Any], path: str = "/v1/completions") -> dict[str, Any]:
