@@ -17,8 +17,8 @@ each sequence --ctx / C tokens. For each server and each concurrency C, C client
 --requests streamed /v1/completions requests one after another (different prompts per client,
 "stop": [] and prompts that ask for long answers, so most run to --max-tokens), after one untimed
 warm-up request. Reported per (server, C): aggregate completion tokens/s over the wall time of the
-C-client phase, the aggregate decode rate (C streams each at its mean chunk-to-chunk rate: C / mean
-gap), time to first content chunk (p50/p90), gaps between consecutive content chunks of one stream
+C-client phase, the aggregate decode rate (tokens after each stream's first, over the time during which
+some stream was past its first token: first tokens and request turnover left out), time to first content chunk (p50/p90), gaps between consecutive content chunks of one stream
 (p50/p90/p99), and errors (non-200 answers, error events, streams cut short or timed out).
 
 Before any server starts, a separate process times the bare batched llama_decode loop
@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import http.client
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -95,6 +96,7 @@ class Stream:
     first_token_s: Optional[float]  # from sending the request to the first content chunk
     gaps_s: list[float]  # between consecutive content chunks
     error: Optional[str] = None
+    decoding: tuple[float, float] = (0.0, 0.0)  # perf_counter times of its first and last content chunks
 
 
 @dataclasses.dataclass
@@ -119,11 +121,19 @@ class Phase:
             "tokens": tokens,
             "wall_s": self.wall_s,
             "tokens_per_s": tokens / self.wall_s,
-            # C streams each at its mean chunk-to-chunk rate: the decode rate without first tokens and request turnover.
-            "decode_tokens_per_s": self.clients * len(gaps) / sum(gaps) if gaps else 0.0,
+            "decode_tokens_per_s": len(gaps) / decoding_time(self.streams) if gaps else 0.0,
             "first_token_s": percentiles(first, (50, 90)),
             "token_gap_s": percentiles(gaps, (50, 90, 99)),
         }
+
+
+def decoding_time(streams: Sequence[Stream]) -> float:
+    """Seconds during which at least one stream was between its first and last content chunk."""
+    total, reach = 0.0, -math.inf
+    for first, last in sorted(stream.decoding for stream in streams if stream.decoding[1] > stream.decoding[0]):
+        total += max(0.0, last - max(first, reach))
+        reach = max(reach, last)
+    return total
 
 
 def percentiles(values: Sequence[float], ranks: Sequence[int]) -> dict[str, float]:
@@ -264,7 +274,8 @@ def stream_completion(port: int, prompt: str, settings: Settings, seed: int) -> 
     finally:
         connection.close()
     tokens = int(usage["completion_tokens"]) if usage and error is None else len(times)
-    return Stream(tokens, times[0] - start if times else None, np.diff(times).tolist(), error)
+    decoding = (times[0], times[-1]) if times else (0.0, 0.0)
+    return Stream(tokens, times[0] - start if times else None, np.diff(times).tolist(), error, decoding)
 
 
 def run_phase(server: str, port: int, settings: Settings, clients: int) -> Phase:
