@@ -188,6 +188,11 @@ class ServedModel:
         seed = kwargs.pop("seed", None)
         # Completions ask with a count (0 included), chats with true.
         logprobs = kwargs.get("logprobs") is not None and kwargs.get("logprobs") is not False
+        if logprobs and kwargs.get("echo"):
+            raise RequestError(
+                400, "echo cannot be combined with logprobs: this server keeps the logits of generated tokens only, "
+                "not the prompt's; ask for one or the other", param="echo",
+            )
         client_left = threading.Event()
         models = self.choice_models(moi, n, seed, logprobs, client_left)
 

@@ -186,6 +186,7 @@ def test_a_client_leaving_mid_generation_frees_the_model(server: Server, stream:
         ("/v1/completions", {"prompt": "Hi", "n": PARALLEL + 1}, 400, "n", f"--parallel {PARALLEL}"),
         ("/v1/chat/completions", {"messages": MESSAGES, "n": 2, "stream": True}, 400, "stream", "cannot be combined with n > 1"),
         ("/v1/completions", '{"prompt": ', 400, None, "not valid JSON"),
+        ("/v1/completions", {"prompt": "Hi", "echo": True, "logprobs": 2}, 400, "echo", "echo cannot be combined with logprobs"),
     ],
 )
 def test_bad_requests_are_4xx_json_errors(
