@@ -22,7 +22,7 @@ import numpy as np
 from llama_cpp import StoppingCriteriaList
 
 from .batch import NativeBatch
-from .llama import GenerationCounts, Llama
+from .llama import GenerationCounts, Llama, check_grammar
 
 
 class EngineBusy(RuntimeError):
@@ -382,6 +382,7 @@ class EngineModel:
                 f"the prompt has {len(tokens)} tokens but the context window holds {self._n_ctx}: "
                 "shorten the prompt or start the server with a larger context"
             )
+        check_grammar(self._llm._model.vocab, sampling.get("grammar"))
         sampler = self._init_sampler(**sampling)
         room = self._n_ctx - len(tokens)
         limit = room if self.max_tokens_hint is None or self.max_tokens_hint <= 0 else min(room, self.max_tokens_hint)

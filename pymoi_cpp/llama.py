@@ -107,6 +107,28 @@ def _check_n_seq_max(n_seq_max: int) -> int:
     return n_seq_max
 
 
+def check_grammar(vocab: Any, grammar: Optional[LlamaGrammar]) -> None:
+    """ValueError when llama.cpp cannot parse `grammar` (it would add a null sampler to the chain and crash)."""
+    if grammar is None:
+        return
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8"))
+    if not sampler:
+        raise ValueError("the grammar does not parse (llama.cpp's GBNF parser refused it): check its rules")
+    llama_cpp.llama_sampler_free(sampler)
+
+
+def check_logit_bias(logit_bias: Optional[dict[Any, float]], n_vocab: int) -> None:
+    """ValueError unless every key of `logit_bias` is a token id in [0, n_vocab) (a negative id would bias
+    another token)."""
+    for key in logit_bias or {}:
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias key {key!r} is not a token id") from None
+        if not 0 <= token < n_vocab:
+            raise ValueError(f"logit_bias key {key!r} is outside the vocabulary [0, {n_vocab})")
+
+
 def _lora_refusal(lora_path: Optional[str]) -> Optional[str]:
     """Why MoI cannot be used with the LoRA adapter at `lora_path`, if it cannot."""
     if not lora_path:
@@ -355,6 +377,7 @@ class Llama(llama_cpp.Llama):
             self._moi_call = previous
 
     def _create_completion(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        check_logit_bias(kwargs.get("logit_bias"), self._n_vocab)
         settings = self._settings(UNSET, None)
         interrupt = self._moi_interrupt
         if interrupt is not None:
@@ -515,6 +538,7 @@ class Llama(llama_cpp.Llama):
             logits_processor=logits_processor,
             grammar=grammar,
         )
+        check_grammar(self._model.vocab, grammar)
         if len(tokens) > self._context_limit:
             raise ValueError(
                 f"the prompt has {len(tokens)} tokens but the context window holds {self._context_limit}: "

@@ -36,7 +36,7 @@ from starlette.types import Receive, Scope, Send
 
 from . import __version__
 from .engine import Engine, EngineBusy, EngineClosed, EngineModel
-from .llama import Llama
+from .llama import Llama, check_logit_bias
 from .mixing import validate_beta, validate_top_k
 
 # llama-cpp-python's routes that pymoi serves unchanged; they do not touch the context.
@@ -185,6 +185,8 @@ class ServedModel:
         kwargs["model"] = self.alias
         with client_errors():
             llama_server.prepare_request_resources(body, self, body.model, kwargs)
+        with client_errors("logit_bias"):
+            check_logit_bias(kwargs.get("logit_bias"), self.llm.n_vocab())
         seed = kwargs.pop("seed", None)
         # Completions ask with a count (0 included), chats with true.
         logprobs = kwargs.get("logprobs") is not None and kwargs.get("logprobs") is not False

@@ -155,3 +155,20 @@ def test_lora_on_token_embeddings_is_refused(tiny_model: pathlib.Path, tmp_path:
     )
     with pytest.raises(ValueError, match="LoRA adapter .* token embeddings"):
         pymoi_cpp.Llama(str(tiny_model), lora_path=str(lora), verbose=False)
+
+
+@pytest.mark.parametrize("beta", [1.0, None])
+def test_unparsable_grammar_and_foreign_logit_bias_are_errors(beta: object, tiny_model: pathlib.Path) -> None:
+    """A grammar llama.cpp cannot parse would put a null sampler in the chain (a crash); a logit_bias key
+    outside the vocabulary would index past the logits, and a negative one would bias another token."""
+    llm = pymoi_cpp.Llama(str(tiny_model), beta=beta, n_ctx=128, verbose=False)
+    try:
+        with pytest.raises(ValueError, match="grammar does not parse"):
+            llm.create_completion("Hi", max_tokens=2, grammar=llama_cpp.LlamaGrammar.from_string("root ::= ("))
+        for key in (llm.n_vocab(), -3):
+            with pytest.raises(ValueError, match="outside the vocabulary"):
+                llm.create_completion("Hi", max_tokens=2, logit_bias={key: 5.0})
+        # Still serves after the refusals.
+        assert llm.create_completion("Hi", max_tokens=2, temperature=0.0)["choices"][0]["finish_reason"] in ("stop", "length")
+    finally:
+        llm.close()

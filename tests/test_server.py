@@ -187,6 +187,10 @@ def test_a_client_leaving_mid_generation_frees_the_model(server: Server, stream:
         ("/v1/chat/completions", {"messages": MESSAGES, "n": 2, "stream": True}, 400, "stream", "cannot be combined with n > 1"),
         ("/v1/completions", '{"prompt": ', 400, None, "not valid JSON"),
         ("/v1/completions", {"prompt": "Hi", "echo": True, "logprobs": 2}, 400, "echo", "echo cannot be combined with logprobs"),
+        ("/v1/completions", {"prompt": "Hi", "logit_bias": {"99999999": 5}}, 400, "logit_bias", "outside the vocabulary"),
+        ("/v1/completions", {"prompt": "Hi", "logit_bias": {"-3": 5}}, 400, "logit_bias", "outside the vocabulary"),
+        ("/v1/completions", {"prompt": "Hi", "grammar": "root ::= ("}, 400, None, "grammar does not parse"),
+        ("/v1/completions", {"prompt": "Hi", "grammar": "root ::= (", "stream": True}, 400, None, "grammar does not parse"),
     ],
 )
 def test_bad_requests_are_4xx_json_errors(
