@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-queue", metavar="N", type=non_negative_int, default=16,
         help="requests that may wait for a free sequence; more are answered 503 with Retry-After (default 16)",
     )
+    serve.add_argument(
+        "--max-body-mib", metavar="N", type=positive_int, default=16,
+        help="largest request body in MiB; larger ones are answered 413 (default 16)",
+    )
     evaluate = commands.add_parser(
         "eval", help="does MoI help on this model? generated tasks, several betas, same problems and seeds",
         description="Runs a generated task (countdown: reach a target with four numbers and + - * /; arithmetic: "
@@ -497,7 +501,7 @@ def run_serve(args: argparse.Namespace) -> int:
             try:
                 host, port = sock.getsockname()[:2]
                 print(f"serving '{alias}' at http://{host if ':' not in host else f'[{host}]'}:{port}/v1 (Ctrl-C stops)", flush=True)
-                server.run(server.create_app(served, args.api_key), sock, quiet=args.quiet)
+                server.run(server.create_app(served, args.api_key, args.max_body_mib * 1024 * 1024), sock, quiet=args.quiet)
             finally:
                 served.close()
         finally:

@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .engine import Engine, EngineBusy, EngineClosed, EngineModel
@@ -428,11 +428,54 @@ async def server_error(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse(error_body(f"internal error: {error}", kind="server_error"), status_code=500)
 
 
-def create_app(model: ServedModel, api_key: Optional[str] = None) -> FastAPI:
-    """The FastAPI app serving `model`; every route but /health needs `api_key` when one is given."""
+class BodyLimit:
+    """Answers 413 to a request whose body is larger than `limit` bytes, declared or as it arrives,
+    without reading the rest of it."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    def refusal(self) -> RequestError:
+        return RequestError(
+            413, f"the request body is larger than this server takes ({self.limit} bytes; see --max-body-mib)",
+            code="request_too_large",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            error = self.refusal()
+            response = JSONResponse(error_body(str(error.detail), code=error.code), status_code=413)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise self.refusal()
+            return message
+
+        await self.app(scope, counted, send)
+
+
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+
+
+def create_app(model: ServedModel, api_key: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+    """The FastAPI app serving `model`; every route but /health needs `api_key` when one is given, and
+    request bodies over `max_body` bytes are refused (413)."""
     app = FastAPI(title="pymoi-cpp", version=__version__)
     app.state.served = model
     app.state.api_key = api_key
+    app.add_middleware(BodyLimit, limit=max_body)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"], allow_headers=["*"])
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid_request)

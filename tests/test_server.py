@@ -247,3 +247,36 @@ def test_a_taken_port_is_a_one_line_error(server: Server, smollm2_path: str) -> 
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"pymoi: cannot listen on 127.0.0.1:{server.port}: Address already in use; pick another --port"]
+
+
+def raw_exchange(server: Server, head: bytes, body_parts: Iterator[bytes]) -> tuple[int, Any]:
+    """Sends a request as raw bytes (no client rewriting its framing) and reads the JSON answer."""
+    with socket.create_connection((server.host, server.port), timeout=60) as sock:
+        sock.sendall(head)
+        for part in body_parts:
+            sock.sendall(part)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def test_oversized_bodies_are_413(server: Server) -> None:
+    limit = 16 * 1024 * 1024  # the default --max-body-mib
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {API_KEY}\r\n".encode()
+    )
+    # Declared too large: refused before the body is read.
+    status, payload = raw_exchange(server, head + f"Content-Length: {limit + 1}\r\n\r\n".encode(), iter(()))
+    assert status == 413 and payload["error"]["code"] == "request_too_large"
+
+    # Chunked, with no declared length: refused once more than the limit has arrived.
+    def chunks() -> Iterator[bytes]:
+        megabyte = b"x" * (1024 * 1024)
+        yield b'%x\r\n{"prompt": "\r\n' % len(b'{"prompt": "')
+        for _ in range(17):
+            yield b"%x\r\n" % len(megabyte) + megabyte + b"\r\n"
+
+    status, payload = raw_exchange(server, head + b"Transfer-Encoding: chunked\r\n\r\n", chunks())
+    assert status == 413 and "--max-body-mib" in payload["error"]["message"]
+    assert post(server, "/v1/completions", {"prompt": PROMPT, **GREEDY, **FIXED})[0] == 200
