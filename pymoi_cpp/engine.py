@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import math
 import queue
 import threading
@@ -121,10 +122,6 @@ class Engine:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="pymoi-engine", daemon=True)
         self._thread.start()
-
-    @property
-    def n_slots(self) -> int:
-        return len(self._slots)
 
     def load(self) -> tuple[int, int]:
         """(generations in progress, generations waiting)."""
@@ -363,8 +360,13 @@ class EngineModel:
     def _scores(self) -> Any:
         generation = self._generation
         if generation is None or not generation.logits:
-            return _Scores([np.zeros(self._llm.n_vocab(), dtype=np.single)], 0)
+            return _Scores([self._no_logits], 0)
         return _Scores(generation.logits, len(generation.prompt) - 1)
+
+    @functools.cached_property
+    def _no_logits(self) -> np.ndarray:
+        """The zeros stopping criteria see when no logits are kept: made once, not per token."""
+        return np.zeros(self._llm.n_vocab(), dtype=np.single)
 
     def generate(
         self,
