@@ -13,11 +13,13 @@ from typing import Any, Generator, Iterator, Optional, Sequence, Union
 import llama_cpp
 import numpy as np
 from llama_cpp import LlamaGrammar, LogitsProcessorList, StoppingCriteriaList
+from llama_cpp.llama_tokenizer import LlamaTokenizer
 
 from ._native import PYMOI_ERR_FORMAT, PYMOI_ERR_IO, PYMOI_ERR_UNSUPPORTED, PymoiError, check, lib, session_info
 from .batch import completion_choices, generate_batch, per_sequence_betas
 from .embedding_rows import EmbeddingRows
 from .mixing import validate_beta, validate_top_k
+from .pieces import TokenPieces
 
 
 class _Unset:
@@ -193,6 +195,7 @@ class Llama(llama_cpp.Llama):
         # llama_cpp.Llama checks prompts and caps max_tokens against _n_ctx.
         self._n_ctx = self._context_limit
         self._moi_refusal = refusal
+        self._pieces = TokenPieces(self._model.vocab, self._model.token_bos())
         try:
             self._beta = beta
             self._moi_top_k = validate_top_k(moi_top_k, self.n_vocab())
@@ -237,6 +240,14 @@ class Llama(llama_cpp.Llama):
             probe_cached=info.probe_cached,
             probe_seconds=info.probe_seconds,
         )
+
+    def detokenize(self, tokens: list[int], prev_tokens: Optional[list[int]] = None, special: bool = False) -> bytes:
+        """llama_cpp.Llama.detokenize, with each token's piece asked of llama.cpp once."""
+        if type(self.tokenizer_) is LlamaTokenizer:
+            text = self._pieces.detokenize(tokens, special)
+            if text is not None:
+                return text
+        return super().detokenize(tokens, prev_tokens=prev_tokens, special=special)
 
     @property
     def moi_input(self) -> Optional[MoiInput]:
