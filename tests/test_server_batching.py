@@ -184,9 +184,13 @@ def test_n_choices_beside_other_requests(server: Server) -> None:
 
 
 def test_json_schema_request_beside_plain_requests(server: Server) -> None:
+    # Values the model would not write unconstrained: only the grammar of this one request makes them.
+    # Whitespace is still the model's choice, and batched greedy can tie-break differently from lone
+    # greedy on some CPUs, so the reply is compared as JSON.
+    expected = {"name": "Zyx Qorvane", "age": 417}
     schema = {
         "type": "object",
-        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "properties": {"name": {"const": expected["name"]}, "age": {"const": expected["age"]}},
         "required": ["name", "age"],
     }
     structured = {
@@ -201,10 +205,9 @@ def test_json_schema_request_beside_plain_requests(server: Server) -> None:
         answer = pool.submit(completion, server, structured, "/v1/chat/completions")
         together = list(pool.map(lambda body: text_of(server, body), plain))
         reply = answer.result()["choices"][0]["message"]["content"]
-    person = json.loads(reply)
-    assert isinstance(person["name"], str) and isinstance(person["age"], int) and not isinstance(person["age"], bool)
+    assert json.loads(reply) == expected
     assert together == alone_plain
-    assert completion(server, structured, "/v1/chat/completions")["choices"][0]["message"]["content"] == reply
+    assert all(expected["name"] not in text for text in together)
 
 
 def test_stop_strings_and_logprobs_per_request(server: Server, smollm2_path: str) -> None:
