@@ -11,6 +11,7 @@ Needs the `server` extra (FastAPI, uvicorn, sse-starlette).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -243,26 +244,24 @@ class ServedModel:
         """An event stream of the generation; errors before the first chunk are 4xx (503 when busy).
         With a `usage` model, a last chunk carries its last_generation's token counts."""
         chunks: Optional[Iterator[Any]] = None
-
-        async def finish() -> None:
-            client_left.set()
-            if chunks is not None:
-                await run_in_threadpool(chunks.close)  # type: ignore[attr-defined]
-
         try:
             chunks = await run_in_threadpool(generate)
             first = await run_watching_departure(request, client_left, lambda: next_chunk(chunks))
         except BaseException:
+            client_left.set()
             with anyio.CancelScope(shield=True):
-                await finish()
+                if chunks is not None:
+                    await run_in_threadpool(chunks.close)  # type: ignore[attr-defined]
             raise
+        pump = ChunkPump(chunks) if first is not None else None
 
         async def events() -> AsyncIterator[str]:
             chunk, last = first, first
             try:
                 while chunk is not None:
                     yield json.dumps(with_moi(chunk, moi))
-                    last, chunk = chunk, await run_in_threadpool(next_chunk, chunks)
+                    last = chunk
+                    chunk = await pump.next() if pump is not None else None
             except RequestError as error:
                 yield json.dumps(error_body(str(error.detail), param=error.param, code=error.code))
             else:
@@ -274,7 +273,44 @@ class ServedModel:
                     yield json.dumps(with_moi(final, moi))
             yield "[DONE]"
 
+        async def finish() -> None:
+            # The generation ends at the engine's next step; its pump thread then returns by itself.
+            client_left.set()
+
         return ModelStream(events(), finish)
+
+
+class ChunkPump:
+    """Reads a streamed completion's chunks on a thread of its own and hands them to the event
+    loop as they come: one thread per stream, not one hop into a worker thread per token."""
+
+    def __init__(self, chunks: Iterator[Any]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._arrived: "asyncio.Queue[Any]" = asyncio.Queue()
+        threading.Thread(target=self._pump, args=(chunks,), name="pymoi-stream", daemon=True).start()
+
+    def _pump(self, chunks: Iterator[Any]) -> None:
+        ending: Optional[Exception] = None
+        try:
+            with client_errors():
+                for chunk in chunks:
+                    self._hand_over(chunk)
+        except Exception as error:
+            ending = error
+        self._hand_over(ending)
+
+    def _hand_over(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._arrived.put_nowait, item)
+        except RuntimeError:  # the server stopped and closed its loop: nobody reads any more
+            pass
+
+    async def next(self) -> Any:
+        """The next chunk; None after the last; raises what the completion raised (as client_errors answers it)."""
+        item = await self._arrived.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
 
 def with_cached_tokens(response: dict[str, Any], cached: int) -> dict[str, Any]:
