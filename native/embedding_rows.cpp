@@ -1,5 +1,7 @@
 #include "embedding_rows.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -23,6 +25,7 @@ namespace {
 
 constexpr const char * kTokenEmbd  = "token_embd.weight";
 constexpr const char * kSplitCount = "split.count";
+constexpr const char * kSplitNo    = "split.no";
 
 struct GgufFile {
     gguf_context * gguf = nullptr;
@@ -92,29 +95,79 @@ void unmap_file(void * base, size_t size) {
 #endif
 }
 
-// Path of the split that holds token_embd.weight ("" if none does).
+// split.no / split.count of a GGUF file (-1 where absent or not uint16).
+int64_t split_value(const GgufFile & file, const char * key) {
+    const int64_t id = gguf_find_key(file.gguf, key);
+    if (id < 0 || gguf_get_kv_type(file.gguf, id) != GGUF_TYPE_UINT16) return -1;
+    return gguf_get_val_u16(file.gguf, id);
+}
+
+// An unsigned or signed integer KV as int64 (-1 where absent or of another type).
+int64_t integer_value(const GgufFile & file, const std::string & key) {
+    const int64_t id = gguf_find_key(file.gguf, key.c_str());
+    if (id < 0) return -1;
+    switch (gguf_get_kv_type(file.gguf, id)) {
+        case GGUF_TYPE_UINT32: return gguf_get_val_u32(file.gguf, id);
+        case GGUF_TYPE_INT32:  return gguf_get_val_i32(file.gguf, id);
+        case GGUF_TYPE_UINT64: return static_cast<int64_t>(std::min<uint64_t>(gguf_get_val_u64(file.gguf, id), INT64_MAX));
+        case GGUF_TYPE_INT64:  return gguf_get_val_i64(file.gguf, id);
+        default:               return -1;
+    }
+}
+
+// The model's declared width of a token row, <arch>.embedding_length (-1 if not declared).
+int64_t metadata_n_embd(const GgufFile & file) {
+    const int64_t id = gguf_find_key(file.gguf, "general.architecture");
+    if (id < 0 || gguf_get_kv_type(file.gguf, id) != GGUF_TYPE_STRING) return -1;
+    return integer_value(file, std::string(gguf_get_val_str(file.gguf, id)) + ".embedding_length");
+}
+
+// The vocabulary size the tokenizer declares (-1 if it declares none).
+int64_t metadata_n_vocab(const GgufFile & file) {
+    const int64_t id = gguf_find_key(file.gguf, "tokenizer.ggml.tokens");
+    if (id < 0 || gguf_get_kv_type(file.gguf, id) != GGUF_TYPE_ARRAY) return -1;
+    return static_cast<int64_t>(gguf_get_arr_n(file.gguf, id));
+}
+
+// Path of the split that holds token_embd.weight ("" if none does, with
+// `error` set when a split is missing or belongs to another model). Every split
+// of a split model is checked, wherever the tensor is: llama.cpp needs them all.
 std::string find_tensor_file(const std::string & path, const GgufFile & first, std::string * error) {
-    if (gguf_find_tensor(first.gguf, kTokenEmbd) >= 0) return path;
-    const int64_t key = gguf_find_key(first.gguf, kSplitCount);
-    if (key < 0 || gguf_get_kv_type(first.gguf, key) != GGUF_TYPE_UINT16) return "";
-    const int split_count = gguf_get_val_u16(first.gguf, key);
+    std::string   holder      = gguf_find_tensor(first.gguf, kTokenEmbd) >= 0 ? path : "";
+    const int64_t split_count = split_value(first, kSplitCount);
+    if (split_count < 2) return holder;
     std::vector<char> prefix(path.size() + 1);
-    if (llama_split_prefix(prefix.data(), prefix.size(), path.c_str(), 0, split_count) <= 0) {
+    if (llama_split_prefix(prefix.data(), prefix.size(), path.c_str(), 0, static_cast<int>(split_count)) <= 0) {
         *error = "'" + path + "' declares " + std::to_string(split_count) +
                  " splits but is not named like the first split (PREFIX-00001-of-NNNNN.gguf)";
         return "";
     }
     std::vector<char> split_path(path.size() + 32);
     for (int i = 1; i < split_count; ++i) {
-        llama_split_path(split_path.data(), split_path.size(), prefix.data(), i, split_count);
-        GgufFile split(split_path.data());
-        if (!split.gguf) {
-            *error = "cannot read split '" + std::string(split_path.data()) + "' of '" + path + "'";
+        llama_split_path(split_path.data(), split_path.size(), prefix.data(), i, static_cast<int>(split_count));
+        const std::string name(split_path.data());
+        if (!file_exists(name)) {
+            *error = "split " + std::to_string(i + 1) + " of " + std::to_string(split_count) + " of '" + path +
+                     "' is missing: '" + name + "'";
             return "";
         }
-        if (gguf_find_tensor(split.gguf, kTokenEmbd) >= 0) return split_path.data();
+        GgufFile split(name);
+        if (!split.gguf) {
+            *error = "split '" + name + "' of '" + path + "' is not a valid GGUF file";
+            return "";
+        }
+        // A shard of another model (or another shard of this one) would hand out wrong rows.
+        const int64_t count = split_value(split, kSplitCount);
+        const int64_t index = split_value(split, kSplitNo);
+        if (count != split_count || index != i) {
+            *error = "split '" + name + "' does not belong with '" + path + "': it says it is split.no " +
+                     std::to_string(index) + " of split.count " + std::to_string(count) + ", expected " +
+                     std::to_string(i) + " of " + std::to_string(split_count);
+            return "";
+        }
+        if (holder.empty() && gguf_find_tensor(split.gguf, kTokenEmbd) >= 0) holder = name;
     }
-    return "";
+    return holder;
 }
 
 }  // namespace
@@ -140,14 +193,20 @@ std::unique_ptr<EmbeddingRows> EmbeddingRows::open(const std::string & path, int
         return nullptr;
     }
     std::string tensor_path;
+    int64_t     expected_n_embd  = -1;
+    int64_t     expected_n_vocab = -1;
     {
         GgufFile first(path);
         if (!first.gguf) {
             *status = PYMOI_ERR_FORMAT;
-            *error  = "'" + path + "' is not a valid GGUF file (bad magic, unsupported version or truncated header)";
+            *error  = "'" + path + "' is not a valid GGUF file: ggml's GGUF parser refused it (bad magic, unsupported "
+                     "version, truncated, an unknown tensor type, a row size that is not a whole number of blocks, "
+                     "overflowing dimensions or misplaced tensor data; llama.cpp's log names which)";
             return nullptr;
         }
         tensor_path = find_tensor_file(path, first, error);
+        expected_n_embd  = metadata_n_embd(first);
+        expected_n_vocab = metadata_n_vocab(first);
     }
     if (tensor_path.empty()) {
         *status = PYMOI_ERR_FORMAT;
@@ -173,6 +232,29 @@ std::unique_ptr<EmbeddingRows> EmbeddingRows::open(const std::string & path, int
         return nullptr;
     }
 
+    // gguf_init_from_file has checked the type, that ne[0] is a whole number of blocks and that the
+    // tensor's byte size does not overflow; the shape and the bounds in the file are ours to check.
+    if (tensor->ne[2] != 1 || tensor->ne[3] != 1 || tensor->ne[0] < 1 || tensor->ne[1] < 1) {
+        *status = PYMOI_ERR_FORMAT;
+        *error  = "'" + tensor_path + "': tensor '" + kTokenEmbd + "' has shape [" + std::to_string(tensor->ne[0]) +
+                 ", " + std::to_string(tensor->ne[1]) + ", " + std::to_string(tensor->ne[2]) + ", " +
+                 std::to_string(tensor->ne[3]) + "]; token embeddings are a non-empty n_embd x n_vocab matrix";
+        return nullptr;
+    }
+    if ((expected_n_embd >= 0 && tensor->ne[0] != expected_n_embd) || tensor->ne[1] < expected_n_vocab) {
+        *status = PYMOI_ERR_FORMAT;
+        *error  = "'" + tensor_path + "': tensor '" + kTokenEmbd + "' is " + std::to_string(tensor->ne[1]) + " x " +
+                 std::to_string(tensor->ne[0]) + " but the model declares " + std::to_string(expected_n_vocab) +
+                 " tokens of " + std::to_string(expected_n_embd) + " floats";
+        return nullptr;
+    }
+    if (tensor->ne[1] > INT32_MAX) {
+        *status = PYMOI_ERR_FORMAT;
+        *error  = "'" + tensor_path + "': tensor '" + kTokenEmbd + "' has " + std::to_string(tensor->ne[1]) +
+                 " rows, more than 32-bit token ids can address";
+        return nullptr;
+    }
+
     std::unique_ptr<EmbeddingRows> rows(new EmbeddingRows());
     rows->n_embd_   = tensor->ne[0];
     rows->n_vocab_  = tensor->ne[1];
@@ -180,20 +262,36 @@ std::unique_ptr<EmbeddingRows> EmbeddingRows::open(const std::string & path, int
     rows->to_float_ = traits->to_float;
     rows->row_size_ = ggml_row_size(type, rows->n_embd_);
 
-    const size_t offset = gguf_get_data_offset(file.gguf) + gguf_get_tensor_offset(file.gguf, id);
-    const size_t nbytes = rows->row_size_ * static_cast<size_t>(rows->n_vocab_);
-    rows->mapping_      = map_file(tensor_path, &rows->mapping_size_);
+    const size_t data_offset   = gguf_get_data_offset(file.gguf);
+    const size_t tensor_offset = gguf_get_tensor_offset(file.gguf, id);
+    rows->mapping_             = map_file(tensor_path, &rows->mapping_size_);
     if (rows->mapping_ == nullptr) {
         *status = PYMOI_ERR_IO;
         *error  = "cannot memory-map '" + tensor_path + "'";
         return nullptr;
     }
-    if (offset + nbytes > rows->mapping_size_) {
+    // Every tensor's data must lie in the file, not only ours: a truncated file is refused here
+    // rather than by llama.cpp later. Compared without sums that could wrap past 2^64: the
+    // offsets and sizes come from the file.
+    const size_t size = rows->mapping_size_;
+    if (data_offset > size) {
         *status = PYMOI_ERR_FORMAT;
-        *error  = "'" + tensor_path + "' is truncated: token embeddings end at byte " +
-                 std::to_string(offset + nbytes) + " of a " + std::to_string(rows->mapping_size_) + "-byte file";
+        *error  = "'" + tensor_path + "' is truncated: its tensor data would start at byte " +
+                 std::to_string(data_offset) + " of a " + std::to_string(size) + "-byte file";
         return nullptr;
     }
+    for (int64_t t = 0; t < gguf_get_n_tensors(file.gguf); ++t) {
+        const size_t begin = gguf_get_tensor_offset(file.gguf, t);
+        const size_t bytes = gguf_get_tensor_size(file.gguf, t);
+        if (begin > size - data_offset || bytes > size - data_offset - begin) {
+            *status = PYMOI_ERR_FORMAT;
+            *error  = "'" + tensor_path + "' is truncated: tensor '" + gguf_get_tensor_name(file.gguf, t) + "' (" +
+                     std::to_string(bytes) + " bytes at byte " + std::to_string(data_offset) + " + " +
+                     std::to_string(begin) + ") ends past the end of the " + std::to_string(size) + "-byte file";
+            return nullptr;
+        }
+    }
+    const size_t offset = data_offset + tensor_offset;
     rows->first_row_ = static_cast<const uint8_t *>(rows->mapping_) + offset;
     return rows;
 }

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import numpy.typing as npt
 
-from ._native import check, embedding_rows_info, lib
+from ._native import PYMOI_ERR_INVALID_ARGUMENT, PymoiError, check, embedding_rows_info, lib
 
 
 class EmbeddingRows:
@@ -33,6 +33,9 @@ class EmbeddingRows:
         """The dequantised embedding of `token`, as n_embd float32 values."""
         if self._handle is None:
             raise ValueError("EmbeddingRows is closed")
+        # ctypes would wrap an id beyond 32 bits silently onto another row.
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= int(token) < self.n_vocab:
+            raise PymoiError(PYMOI_ERR_INVALID_ARGUMENT, f"token {token!r} is outside the vocabulary [0, {self.n_vocab})")
         out = np.empty(self.n_embd, dtype=np.float32)
         check(lib.pymoi_embedding_rows_dequantise(self._handle, int(token), out.ctypes.data_as(ctypes.POINTER(ctypes.c_float))))
         return out
