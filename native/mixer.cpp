@@ -110,7 +110,8 @@ int32_t mixture_weights(const float * logits, int32_t k, int32_t token, float be
     }
     const double max_logit = rank_value(logits[ids[0]]);
     if (!std::isfinite(max_logit)) {
-        *error = "the top-K logits are all -inf or NaN: no distribution to mix";
+        *error = max_logit > 0.0 ? "the top logit is +inf: no distribution to mix (the model produced an infinite logit)"
+                                 : "the top-K logits are all -inf or NaN: no distribution to mix";
         return -1;
     }
     double sum = 0.0;
@@ -128,7 +129,9 @@ int32_t mixture_weights(const float * logits, int32_t k, int32_t token, float be
     if (beta_is_direct_mixture(beta)) {
         return k;
     }
-    const double h        = k > 1 ? entropy / std::log(static_cast<double>(k)) : 0.0;
+    // Rounding can put the entropy of a near-uniform prior a hair above log K: clamped, or the
+    // sampled token's weight (b1 - h) / b1 comes out slightly negative at beta = 0.
+    const double h        = k > 1 ? std::min(1.0, entropy / std::log(static_cast<double>(k))) : 0.0;
     const double b1       = static_cast<double>(beta) + 1.0;
     const double sample_w = (b1 - h) / b1;
     int32_t      n        = k;
