@@ -131,7 +131,9 @@ def main() -> int:
     started = time.monotonic()
     binaries = build(args.cxx)
     corpora = write_seeds()
-    tmp = BUILD / "tmp"
+    # The GGUF targets write each input to a file: in memory where the system has /dev/shm.
+    shm = pathlib.Path("/dev/shm")
+    tmp = shm / f"pymoi-fuzz-{os.getpid()}" if shm.is_dir() else BUILD / "tmp"
     tmp.mkdir(exist_ok=True)
     env = dict(os.environ, PYMOI_FUZZ_TMP=str(tmp), PYMOI_FUZZ_MODEL=str(BUILD / "seeds" / "batch-model.gguf"),
                ASAN_OPTIONS="detect_leaks=1:allocator_may_return_null=1", UBSAN_OPTIONS="print_stacktrace=1")
@@ -144,6 +146,7 @@ def main() -> int:
         print(f"{target:10s} {iterations:9d} iterations in {taken:5.0f} s (limit {seconds} s)  {verdict}"
               f"  (log: {BUILD / (target + '.log')})", flush=True)
         failed = failed or status != 0 or bool(new)
+    shutil.rmtree(tmp, ignore_errors=True)
     return 1 if failed else 0
 
 

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "gguf.h"
@@ -42,6 +44,53 @@ struct GgufFile {
     GgufFile(const GgufFile &)             = delete;
     GgufFile & operator=(const GgufFile &) = delete;
 };
+
+// What ggml's GGUF parser logged (its errors) while refusing `path`, for the error message:
+// the parse is repeated with this thread's ggml log captured; other threads' lines still go
+// to the logger that was set. Only on the failure path, so it costs nothing on good files.
+struct LogCapture {
+    std::thread::id   thread;
+    std::string       text;
+    ggml_log_callback previous      = nullptr;
+    void *            previous_data = nullptr;
+};
+
+void capture_log(ggml_log_level level, const char * text, void * user_data) {
+    auto * capture = static_cast<LogCapture *>(user_data);
+    if (std::this_thread::get_id() != capture->thread) {
+        if (capture->previous) capture->previous(level, text, capture->previous_data);
+        return;
+    }
+    if (level == GGML_LOG_LEVEL_ERROR && capture->text.size() < 1000) capture->text += text;
+}
+
+std::string gguf_refusal(const std::string & path) {
+    static std::mutex           mutex;
+    std::lock_guard<std::mutex> lock(mutex);
+    LogCapture                  capture;
+    capture.thread = std::this_thread::get_id();
+    ggml_log_get(&capture.previous, &capture.previous_data);
+    ggml_log_set(capture_log, &capture);
+    {
+        gguf_init_params params = { /*no_alloc =*/ true, /*ctx =*/ nullptr };
+        gguf_context *   gguf   = gguf_init_from_file(path.c_str(), params);
+        if (gguf) gguf_free(gguf);
+    }
+    ggml_log_set(capture.previous, capture.previous_data);
+    // "gguf_init_from_file_impl: invalid magic characters ...\n" lines -> "invalid magic characters ...; ..."
+    std::string reasons;
+    size_t      start = 0;
+    while (start < capture.text.size()) {
+        size_t end = capture.text.find('\n', start);
+        if (end == std::string::npos) end = capture.text.size();
+        std::string line = capture.text.substr(start, end - start);
+        const size_t colon = line.find(": ");
+        if (colon != std::string::npos && line.find(' ') > colon) line = line.substr(colon + 2);
+        if (!line.empty()) reasons += (reasons.empty() ? "" : "; ") + line;
+        start = end + 1;
+    }
+    return reasons.empty() ? "ggml's GGUF parser refused it" : reasons;
+}
 
 bool file_exists(const std::string & path) {
     FILE * f = std::fopen(path.c_str(), "rb");
@@ -153,7 +202,7 @@ std::string find_tensor_file(const std::string & path, const GgufFile & first, s
         }
         GgufFile split(name);
         if (!split.gguf) {
-            *error = "split '" + name + "' of '" + path + "' is not a valid GGUF file";
+            *error = "split '" + name + "' of '" + path + "' is not a valid GGUF file: " + gguf_refusal(name);
             return "";
         }
         // A shard of another model (or another shard of this one) would hand out wrong rows.
@@ -199,9 +248,7 @@ std::unique_ptr<EmbeddingRows> EmbeddingRows::open(const std::string & path, int
         GgufFile first(path);
         if (!first.gguf) {
             *status = PYMOI_ERR_FORMAT;
-            *error  = "'" + path + "' is not a valid GGUF file: ggml's GGUF parser refused it (bad magic, unsupported "
-                     "version, truncated, an unknown tensor type, a row size that is not a whole number of blocks, "
-                     "overflowing dimensions or misplaced tensor data; llama.cpp's log names which)";
+            *error  = "'" + path + "' is not a valid GGUF file: " + gguf_refusal(path);
             return nullptr;
         }
         tensor_path = find_tensor_file(path, first, error);

@@ -226,28 +226,34 @@ OVERFLOW_N_EMBD = (2**64 - 40) // 12
 """With 3 rows of F32, the tensor is 2**64 - 40 bytes: within what ggml accepts (it refuses sizes within
 the alignment of 2**64), but data offset + size wraps past 2**64 to a small number."""
 
-ROWS_FORMAT = "not a valid GGUF file"  # ggml's parser refused the file before pymoi looked at the tensors
+ROWS_FORMAT = "is not a valid GGUF file: .*"  # ggml's parser refused the file, for the reason that follows
 
 # case -> (what makes the file from the base model, regex of EmbeddingRows' message; pymoi_cpp.Llama says
 # "cannot load model: " + the same message)
 CASES: dict[str, tuple[Callable[[Gguf], bytes], str]] = {
-    "empty file": (lambda doc: b"", ROWS_FORMAT),
-    "cut in the header": (truncated("in_header"), ROWS_FORMAT),
-    "cut after the header": (truncated("header"), ROWS_FORMAT),
-    "cut in the KV section": (truncated("in_kv"), ROWS_FORMAT),
-    "cut after the KV section": (truncated("kv"), ROWS_FORMAT),
-    "cut in the tensor infos": (truncated("in_tensor_infos"), ROWS_FORMAT),
-    "cut after the tensor infos": (truncated("tensor_infos"), ROWS_FORMAT),
-    "cut in the alignment padding": (truncated("in_padding"), ROWS_FORMAT),
+    "empty file": (lambda doc: b"", ROWS_FORMAT + "failed to read magic"),
+    "cut in the header": (truncated("in_header"), ROWS_FORMAT + "failed to read header"),
+    "cut after the header": (truncated("header"), ROWS_FORMAT + "failed to read key-value pairs"),
+    "cut in the KV section": (truncated("in_kv"), ROWS_FORMAT + "failed to read key-value pairs"),
+    "cut after the KV section": (truncated("kv"), ROWS_FORMAT + "failed to read tensor info"),
+    "cut in the tensor infos": (truncated("in_tensor_infos"), ROWS_FORMAT + "failed to read tensor info"),
+    "cut after the tensor infos": (truncated("tensor_infos"), ROWS_FORMAT + "failed to seek to beginning of data"),
+    "cut in the alignment padding": (truncated("in_padding"), ROWS_FORMAT + "failed to seek to beginning of data"),
     "cut where the data starts": (truncated("padding"), "truncated: tensor 'token_embd.weight'"),
     "cut in token_embd's data": (truncated("in_token_embd"), "truncated: tensor 'token_embd.weight'"),
     "cut in the last tensor's data": (truncated("in_last_tensor"), r"truncated: tensor 'blk\.1\.ffn_up\.weight'"),
-    "bad magic": (lambda doc: b"GGUX" + doc.to_bytes()[4:], ROWS_FORMAT),
-    "unsupported version 99": (lambda doc: doc.to_bytes()[:4] + struct.pack("<I", 99) + doc.to_bytes()[8:], ROWS_FORMAT),
-    "general.alignment 3": (mutated(lambda d: d.set_kv("general.alignment", 4, struct.pack("<I", 3))), ROWS_FORMAT),
+    "bad magic": (lambda doc: b"GGUX" + doc.to_bytes()[4:], ROWS_FORMAT + "invalid magic characters: 'GGUX'"),
+    "unsupported version 99": (
+        lambda doc: doc.to_bytes()[:4] + struct.pack("<I", 99) + doc.to_bytes()[8:],
+        ROWS_FORMAT + "this GGUF file is version 99",
+    ),
+    "general.alignment 3": (
+        mutated(lambda d: d.set_kv("general.alignment", 4, struct.pack("<I", 3))),
+        ROWS_FORMAT + "alignment 3 is not a power of 2",
+    ),
     "tensor offset beyond the end of the file": (
         mutated(set_token_embd(offset=2**40)),
-        ROWS_FORMAT,
+        ROWS_FORMAT + "tensor 'token_embd.weight' has offset 1099511627776, expected 0",
     ),
     "token_embd ends beyond the end of the file": (
         standalone(lambda: only_token_embd([64, 1000], F32, bytes(64 * 4 * 4))),
@@ -257,16 +263,22 @@ CASES: dict[str, tuple[Callable[[Gguf], bytes], str]] = {
         standalone(lambda: only_token_embd([OVERFLOW_N_EMBD, 3], F32, bytes(64))),
         rf"truncated: tensor 'token_embd.weight' \({2**64 - 40} bytes at byte",
     ),
-    "negative offset": (mutated(set_token_embd(offset=-32)), ROWS_FORMAT),
+    "negative offset": (mutated(set_token_embd(offset=-32)), ROWS_FORMAT + f"has offset {2**64 - 32}, expected 0"),
     "zero n_embd": (mutated(set_token_embd(ne=[0, 300], data=b"")), r"has shape \[0, 300, 1, 1\]"),
     "zero n_vocab": (mutated(set_token_embd(ne=[64, 0], data=b"")), r"has shape \[64, 0, 1, 1\]"),
-    "ne product overflows 64 bits": (mutated(set_token_embd(ne=[2**40, 2**40], data=b"")), ROWS_FORMAT),
-    "negative dimension": (mutated(set_token_embd(ne=[64, -300], data=b"")), ROWS_FORMAT),
-    "unknown type id 200": (mutated(set_token_embd(type=200)), ROWS_FORMAT),
-    "removed type id 4 (Q4_2)": (mutated(set_token_embd(type=4)), ROWS_FORMAT),
+    "ne product overflows 64 bits": (
+        mutated(set_token_embd(ne=[2**40, 2**40], data=b"")),
+        ROWS_FORMAT + "incorrect shape for a tensor 'token_embd.weight' may cause overflow errors",
+    ),
+    "negative dimension": (
+        mutated(set_token_embd(ne=[64, -300], data=b"")),
+        ROWS_FORMAT + "dimension 1 has invalid number of elements: -300 < 0",
+    ),
+    "unknown type id 200": (mutated(set_token_embd(type=200)), ROWS_FORMAT + "has invalid ggml type 200"),
+    "removed type id 4 (Q4_2)": (mutated(set_token_embd(type=4)), ROWS_FORMAT + r"of type 4 \(DEPRECATED\)"),
     "block size 32 does not divide n_embd 48": (
         mutated(set_token_embd(ne=[48, 300], type=Q8_0, data=bytes(300 * 34 * 2))),
-        ROWS_FORMAT,
+        ROWS_FORMAT + r"has 48 elements per row, not a multiple of block size \(32\)",
     ),
     "token_embd missing": (mutated(rename_token_embd), "has no token embeddings"),
     "token_embd of the wrong shape (32 x 600)": (
