@@ -96,3 +96,65 @@ for _ in range(2):
     assert 31 < one["Rss"] < 34 and 31 < one["Pss"] < 34, (one, two)
     assert 63 < two["Rss"] < 66, (one, two)
     assert abs(two["Pss"] - one["Pss"]) < 1, (one, two)
+
+
+# 500 short generations one after another on one instance, as a long-lived process (a server, an
+# editor plugin) runs them: PSS after a warm-up and at the end. Prompts cycle through a few, so the
+# prompt cache is both reused and replaced; every call goes through create_completion, the path a
+# server takes. The same loop runs on stock llama_cpp.Llama in a process of its own, for comparison.
+# One thread each: llama.cpp's workers spin while they wait, which on a busy 2-core machine makes
+# two threads many times slower than one, and the memory measured does not depend on it.
+REPEATED_SCRIPT = r"""
+import json, sys
+import llama_cpp, pymoi_cpp
+
+def pss():
+    fields = {}
+    for line in open("/proc/self/smaps_rollup"):
+        key, value = line.split(":", 1)
+        if key in ("Rss", "Pss", "Pss_Anon"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+kind, model, runs, warm_up = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+cls = pymoi_cpp.Llama if kind == "pymoi" else llama_cpp.Llama
+llm = cls(model, n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False, seed=1)
+prompts = ["The capital of France is", "Once upon a time,", "A list of colours: red,", "def add(a, b):", "Rivers of Europe:"]
+samples, tokens = [], 0
+for i in range(runs):
+    out = llm.create_completion(prompts[i % len(prompts)] + " " * (i % 3), max_tokens=8, temperature=0.8, seed=i)
+    tokens += out["usage"]["completion_tokens"]
+    if i + 1 == warm_up or (i + 1) % 100 == 0:
+        samples.append({"after": i + 1, **pss()})
+print(json.dumps({"samples": samples, "completion_tokens": tokens}))
+"""
+
+
+def memory_over_generations(kind: str, model: str, cwd: pathlib.Path, runs: int = 500, warm_up: int = 50) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", REPEATED_SCRIPT, kind, model, str(runs), str(warm_up)],
+        capture_output=True, text=True, timeout=900, cwd=cwd,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_500_generations_do_not_grow_memory(smollm2_path: str, tmp_path: pathlib.Path) -> None:
+    ours = memory_over_generations("pymoi", smollm2_path, tmp_path)
+    stock = memory_over_generations("stock", smollm2_path, tmp_path)
+    growth = {
+        name: {key: run["samples"][-1][key] - run["samples"][0][key] for key in ("Rss", "Pss", "Pss_Anon")}
+        for name, run in (("pymoi", ours), ("llama_cpp", stock))
+    }
+    print(json.dumps({"growth_mib_after_warm_up": growth, "pymoi": ours, "llama_cpp": stock}))
+    report = {"growth": growth, "pymoi": ours["samples"], "llama_cpp": stock["samples"]}
+    # Every generation ran: 8 tokens each, fewer only where the model ended its text.
+    assert ours["completion_tokens"] > 500 * 4, report
+    # A per-generation leak of even 8 KiB would add 3.5 MiB over the 450 measured generations.
+    # What moves PSS here without a leak is the allocator's high-water mark (Python's arenas and
+    # glibc's heaps settle after the warm-up) and model-file pages touched for the first time (file
+    # pages are in PSS, and fall when other processes map the same file; anonymous ones are the
+    # process's own). Measured on the 2-core VM: anonymous +0.5 MiB here, +13.5 MiB for stock
+    # llama_cpp.Llama on the same loop (README, Reliability).
+    assert growth["pymoi"]["Pss"] < 3, report
+    assert growth["pymoi"]["Pss_Anon"] < 2, report
