@@ -1,7 +1,9 @@
 // The C ABI of pymoi.h over the C++ core: status codes and a per-thread last
 // error instead of exceptions.
+#include <algorithm>
 #include <new>
 #include <string>
+#include <vector>
 
 #include "architecture.h"
 #include "batch_step.h"
@@ -151,6 +153,24 @@ pymoi_status pymoi_embedding_rows_dequantise(const pymoi_embedding_rows * rows, 
     return PYMOI_OK;
 }
 
+pymoi_status pymoi_sample(const float * logits, int32_t n_vocab, llama_sampler * sampler, int32_t top_k,
+                          int32_t chain_top_k, llama_token_data * candidates, int32_t * out_ids, llama_token * out_token) {
+    return guarded([&] {
+        if (logits == nullptr || sampler == nullptr || candidates == nullptr || out_ids == nullptr || out_token == nullptr) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "logits, sampler, candidates, out_ids and out_token must not be null");
+        }
+        if (n_vocab < 1 || top_k < 1 || top_k > n_vocab || chain_top_k < 0) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "pymoi_sample needs 1 <= top_k <= n_vocab and chain_top_k >= 0");
+        }
+        std::vector<int32_t> ids(static_cast<size_t>(std::max(top_k, std::min(chain_top_k, n_vocab))));
+        const llama_token    token = pymoi::sample_and_select(logits, n_vocab, sampler, top_k, chain_top_k, ids.data(), candidates);
+        if (token < 0) return fail(PYMOI_ERR_INTERNAL, "the sampler selected no token");
+        std::copy(ids.begin(), ids.begin() + top_k, out_ids);
+        *out_token = token;
+        return PYMOI_OK;
+    });
+}
+
 pymoi_status pymoi_host_time_measure(const pymoi_embedding_rows * rows, const float * logits, int32_t n_sets,
                                      int32_t n_vocab, const llama_token * tokens, float beta, int32_t top_k,
                                      int32_t n_tokens, pymoi_host_time * out) {
@@ -166,6 +186,8 @@ pymoi_status pymoi_host_time_measure(const pymoi_embedding_rows * rows, const fl
         out->select_us  = time.select_us;
         out->weights_us = time.weights_us;
         out->mix_us     = time.mix_us;
+        out->stock_sample_us  = time.stock_sample_us;
+        out->shared_sample_us = time.shared_sample_us;
         return PYMOI_OK;
     });
 }
@@ -222,6 +244,14 @@ pymoi_status pymoi_session_begin(pymoi_session * session, float beta, int32_t to
     });
 }
 
+pymoi_status pymoi_session_share_top_k(pymoi_session * session, int32_t chain_top_k) {
+    return guarded([&] {
+        if (session == nullptr) return fail(PYMOI_ERR_INVALID_ARGUMENT, "session must not be null");
+        std::string error;
+        return to_status(session->step->share_top_k(chain_top_k, &error), error);
+    });
+}
+
 pymoi_status pymoi_session_step(pymoi_session * session, llama_sampler * sampler, int32_t n_past,
                                 llama_token * out_token) {
     return guarded([&] {
@@ -272,6 +302,14 @@ pymoi_status pymoi_batch_add(pymoi_batch * batch, int32_t seq, llama_sampler * s
         std::string error;
         int32_t     n_kept = 0;
         return to_status(batch->step->add(seq, sampler, beta, top_k, tokens, n_tokens, n_keep, out_n_kept ? out_n_kept : &n_kept, &error), error);
+    });
+}
+
+pymoi_status pymoi_batch_share_top_k(pymoi_batch * batch, int32_t seq, int32_t chain_top_k) {
+    return guarded([&] {
+        if (batch == nullptr) return fail(PYMOI_ERR_INVALID_ARGUMENT, "batch must not be null");
+        std::string error;
+        return to_status(batch->step->share_top_k(seq, chain_top_k, &error), error);
     });
 }
 

@@ -29,6 +29,7 @@ BatchStep::BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq, i
     samplers_(static_cast<size_t>(n_seq), nullptr),
     betas_(static_cast<size_t>(n_seq), 1.0f),
     top_k_(static_cast<size_t>(n_seq), 1),
+    chain_top_k_(static_cast<size_t>(n_seq), 0),
     n_past_(static_cast<size_t>(n_seq), 0),
     prompts_(static_cast<size_t>(n_seq)),
     prompt_read_(static_cast<size_t>(n_seq), 0),
@@ -85,7 +86,7 @@ int BatchStep::add(int32_t seq, llama_sampler * sampler, float beta, int32_t top
         }
     }
     for (MixtureScratch & scratch : scratch_) {
-        status = input_.prepare(beta, top_k, scratch, error);
+        status = input_.prepare(beta, top_k, 0, scratch, error);
         if (status != PYMOI_OK) return status;
     }
     llama_memory_t memory = llama_get_memory(ctx_);
@@ -104,6 +105,7 @@ int BatchStep::add(int32_t seq, llama_sampler * sampler, float beta, int32_t top
     samplers_[s]    = sampler;
     betas_[s]       = beta;
     top_k_[s]       = top_k;
+    chain_top_k_[s] = 0;
     state_[s]       = State::reading;
     reading_order_.push_back(seq);
     return PYMOI_OK;
@@ -213,28 +215,36 @@ void BatchStep::sample(int32_t j, int worker) {
     const float *    logits  = live_logits_[static_cast<size_t>(j)];
     MixtureScratch & scratch = scratch_[w];
     auto &           cand    = candidates_[w];
-    const int32_t    n_vocab = input_.n_vocab();
     const int32_t    row     = live_rows_[static_cast<size_t>(j)];
-    if (row >= 0) input_.select(logits, top_k_[s], scratch);
 
     // What llama_sampler_sample does with CPU logits, on this worker's candidate
     // array instead of the context: the sampler chain applies, then accepts.
-    for (llama_token t = 0; t < n_vocab; ++t) {
-        cand[static_cast<size_t>(t)] = llama_token_data { t, logits[t], 0.0f };
-    }
-    llama_token_data_array candidates = { cand.data(), static_cast<size_t>(n_vocab), -1, false };
-    llama_sampler_apply(samplers_[s], &candidates);
-    if (candidates.selected < 0 || candidates.selected >= static_cast<int64_t>(candidates.size)) {
+    const llama_token sampled = input_.sample(logits, samplers_[s], top_k_[s], chain_top_k_[s], scratch, cand.data());
+    if (sampled < 0) {
         status_[w] = PYMOI_ERR_INTERNAL;
         errors_[w] = "the sampler of sequence " + std::to_string(s) + " selected no token";
         return;
     }
-    const llama_token sampled = candidates.data[candidates.selected].id;
-    llama_sampler_accept(samplers_[s], sampled);
     live_tokens_[static_cast<size_t>(j)] = sampled;
     if (row >= 0) {
         status_[w] = input_.build(logits, sampled, betas_[s], top_k_[s], scratch, rows_.row(row), &errors_[w]);
     }
+}
+
+int BatchStep::share_top_k(int32_t seq, int32_t chain_top_k, std::string * error) {
+    int status = check_sequence(seq, error);
+    if (status != PYMOI_OK) return status;
+    const size_t s = static_cast<size_t>(seq);
+    if (state_[s] == State::free) {
+        *error = "sequence " + std::to_string(seq) + " is free: add it before declaring its sampler chain";
+        return PYMOI_ERR_INVALID_ARGUMENT;
+    }
+    for (MixtureScratch & scratch : scratch_) {
+        status = input_.prepare(betas_[s], top_k_[s], chain_top_k, scratch, error);
+        if (status != PYMOI_OK) return status;
+    }
+    chain_top_k_[s] = chain_top_k;
+    return PYMOI_OK;
 }
 
 int BatchStep::finish(int32_t seq, int32_t n_keep, std::string * error) {

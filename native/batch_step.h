@@ -46,6 +46,8 @@ class BatchStep {
     // first n_keep prompt positions freed (all where the memory cannot drop a
     // tail), and its sampler released.
     int finish(int32_t seq, int32_t n_keep, std::string * error);
+    // See MixtureInput::sample(); 0 after add().
+    int share_top_k(int32_t seq, int32_t chain_top_k, std::string * error);
     // The raw logits (n_vocab floats) that the latest step sampled sequence `seq`
     // from; valid until the next step.
     int logits(int32_t seq, const float ** out, std::string * error) const;
@@ -71,6 +73,7 @@ class BatchStep {
     std::vector<llama_sampler *>          samplers_;
     std::vector<float>                    betas_;
     std::vector<int32_t>                  top_k_;
+    std::vector<int32_t>                  chain_top_k_;
     std::vector<int32_t>                  n_past_;
     std::vector<std::vector<llama_token>> prompts_;
     std::vector<int32_t>                  prompt_read_;  // prompt tokens already decoded

@@ -7,14 +7,23 @@ namespace pymoi {
 DecodeStep::DecodeStep(MixtureInput & input, llama_context * ctx) :
     input_(input),
     ctx_(ctx),
+    candidates_(static_cast<size_t>(input.n_vocab())),
     rows_(1, input.n_embd(), input.n_pos_per_row()) {}
 
 int DecodeStep::begin(float beta, int32_t top_k, std::string * error) {
-    const int status = input_.prepare(beta, top_k, scratch_, error);
+    const int status = input_.prepare(beta, top_k, 0, scratch_, error);
     if (status != PYMOI_OK) return status;
-    beta_    = beta;
-    top_k_   = top_k;
-    pending_ = false;
+    beta_        = beta;
+    top_k_       = top_k;
+    chain_top_k_ = 0;
+    pending_     = false;
+    return PYMOI_OK;
+}
+
+int DecodeStep::share_top_k(int32_t chain_top_k, std::string * error) {
+    const int status = input_.prepare(beta_, top_k_, chain_top_k, scratch_, error);
+    if (status != PYMOI_OK) return status;
+    chain_top_k_ = chain_top_k;
     return PYMOI_OK;
 }
 
@@ -49,9 +58,7 @@ int DecodeStep::step(llama_sampler * sampler, int32_t n_past, llama_token * toke
         *error = "the context holds no logits to sample from: decode the prompt first";
         return PYMOI_ERR_INVALID_ARGUMENT;
     }
-    // The candidates come from the raw logits, before the sampler sees them.
-    input_.select(logits, top_k_, scratch_);
-    const llama_token sampled = llama_sampler_sample(sampler, ctx_, -1);
+    const llama_token sampled = input_.sample(logits, sampler, top_k_, chain_top_k_, scratch_, candidates_.data());
     if (sampled < 0 || sampled >= input_.n_vocab()) {
         *error = "the sampler returned no valid token (" + std::to_string(sampled) + ")";
         return PYMOI_ERR_INTERNAL;

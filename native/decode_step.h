@@ -20,6 +20,8 @@ class DecodeStep {
 
     // All return a pymoi_status; `error` is set on failure.
     int begin(float beta, int32_t top_k, std::string * error);
+    // See MixtureInput::sample(); 0 after begin().
+    int share_top_k(int32_t chain_top_k, std::string * error);
     int step(llama_sampler * sampler, int32_t n_past, llama_token * token, std::string * error);
     int flush(int32_t n_past, std::string * error);
 
@@ -30,9 +32,13 @@ class DecodeStep {
     llama_context * ctx_;
     MixtureScratch  scratch_;
 
-    float   beta_    = 1.0f;
-    int32_t top_k_   = 1;
-    bool    pending_ = false;
+    float   beta_        = 1.0f;
+    int32_t top_k_       = 1;
+    int32_t chain_top_k_ = 0;
+    bool    pending_     = false;
+
+    // The vocabulary's candidates for the sampler chain, sized once.
+    std::vector<llama_token_data> candidates_;
 
     // One embedding row, reused by every step: the hot path does not allocate.
     EmbeddingBatch rows_;

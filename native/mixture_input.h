@@ -19,11 +19,15 @@ void mix_rows(const EmbeddingRows & rows, const int32_t * ids, const float * wei
               float * row, float * out, int32_t n_out);
 
 // Per-token host time of the MoI step outside llama_decode, measured on `rows`
-// with caller-supplied logits: top-K selection, weights, and the mixed row.
+// with caller-supplied logits: top-K selection, weights, and the mixed row; and
+// beside it what stock sampling and MoI's shared sampling (see
+// MixtureInput::sample) take with llama-cpp-python's default chain.
 struct HostTime {
-    double select_us  = 0.0;
-    double weights_us = 0.0;
-    double mix_us     = 0.0;
+    double select_us         = 0.0;
+    double weights_us        = 0.0;
+    double mix_us            = 0.0;
+    double stock_sample_us   = 0.0;  // fill the vocabulary's candidates, apply the chain
+    double shared_sample_us  = 0.0;  // one top-k pass, the chain on those k candidates
 };
 
 // Runs n_tokens steps, step t on logits set t % n_sets (n_vocab floats each) and
@@ -31,6 +35,14 @@ struct HostTime {
 int measure_host_time(const EmbeddingRows & rows, const float * logits, int32_t n_sets, int32_t n_vocab,
                       const int32_t * tokens, float beta, int32_t top_k, int32_t n_tokens, HostTime * out,
                       std::string * error);
+
+// The k of llama-cpp-python's default sampler chain's top-k step.
+constexpr int32_t kDefaultChainTopK = 40;
+
+// MixtureInput::sample() on a vocabulary of n_vocab logits; the top_k (or
+// chain_top_k) candidates go to `ids`.
+llama_token sample_and_select(const float * logits, int32_t n_vocab, llama_sampler * sampler, int32_t top_k,
+                              int32_t chain_top_k, int32_t * ids, llama_token_data * candidates);
 
 // Working space of one thread building mixtures: sized once, reused every step.
 struct MixtureScratch {
@@ -55,15 +67,24 @@ class MixtureInput {
     int32_t n_pos_per_row() const { return n_pos_per_row_; }
     const ProbeVerdict & verdict() const { return verdict_; }
 
-    // Checks beta and top_k and sizes `scratch` for top_k (so select() and build()
-    // do not allocate). Returns a pymoi_status; `error` is set on failure.
-    int prepare(float beta, int32_t top_k, MixtureScratch & scratch, std::string * error) const;
+    // Checks beta, top_k and chain_top_k (see sample()) and sizes `scratch` for them
+    // (so sample() and build() do not allocate). Returns a pymoi_status; `error` is
+    // set on failure.
+    int prepare(float beta, int32_t top_k, int32_t chain_top_k, MixtureScratch & scratch, std::string * error) const;
 
-    // Top-K candidates of a step's raw logits, kept in `scratch`.
-    void select(const float * logits, int32_t top_k, MixtureScratch & scratch) const;
+    // Samples a token from a step's raw logits with `sampler` (applied, then accepted,
+    // as llama_sampler_sample does) and keeps the mixture's top_k candidates in
+    // `scratch`. chain_top_k >= top_k declares that nothing in the chain changes or
+    // drops candidates before its top-k step, of that k: the chain is then handed
+    // just those candidates, sorted, found in the same pass over the logits as the
+    // mixture's. Otherwise (0, or below top_k) it gets the whole vocabulary in
+    // `candidates` (n_vocab entries). Ties rank the lower id first, NaN last.
+    // Returns the token, or -1 when the sampler selected none.
+    llama_token sample(const float * logits, llama_sampler * sampler, int32_t top_k, int32_t chain_top_k,
+                       MixtureScratch & scratch, llama_token_data * candidates) const;
 
     // Writes to `out` (n_embd floats) the input that stands for `sampled` after
-    // the step whose candidates select() kept: the mixture for `beta`, with the
+    // the step whose candidates sample() kept: the mixture for `beta`, with the
     // scaling the model applies to token inputs. Safe to call from several
     // threads with different scratch spaces.
     int build(const float * logits, llama_token sampled, float beta, int32_t top_k, MixtureScratch & scratch,

@@ -89,19 +89,32 @@ PYMOI_API pymoi_status pymoi_embedding_rows_info_get(const pymoi_embedding_rows 
 // Writes the n_embd floats of row `token` to out.
 PYMOI_API pymoi_status pymoi_embedding_rows_dequantise(const pymoi_embedding_rows * rows, int32_t token, float * out);
 
+// One step's sampling on caller-supplied logits (n_vocab floats), as the MoI
+// steps do it: `sampler` applied (and accepting its token), the top_k mixture
+// candidates written to out_ids (top_k entries, best first), and chain_top_k
+// as for pymoi_session_share_top_k. `candidates` is scratch of n_vocab entries.
+PYMOI_API pymoi_status pymoi_sample(const float * logits, int32_t n_vocab, struct llama_sampler * sampler,
+                                    int32_t top_k, int32_t chain_top_k, llama_token_data * candidates,
+                                    int32_t * out_ids, llama_token * out_token);
+
 // Host time per generated token that MoI adds beyond stock sampling, measured
 // on real embedding rows: what a step spends outside llama_decode and the
 // sampler chain, so what a GPU build would see on top of stock decoding.
 typedef struct pymoi_host_time {
-    double select_us;   // top-K selection over the vocabulary
-    double weights_us;  // prior, entropy and weights of the K (+1) entries
-    double mix_us;      // dequantising and summing the weighted rows
+    double select_us;         // top-K selection over the vocabulary (when the chain cannot share its top-k)
+    double weights_us;        // prior, entropy and weights of the K (+1) entries
+    double mix_us;            // dequantising and summing the weighted rows
+    double stock_sample_us;   // llama-cpp-python's default chain as llama_sampler_sample applies it
+    double shared_sample_us;  // the same chain on its top-k, found in one pass with MoI's (pymoi_session_share_top_k)
 } pymoi_host_time;
 
 // Runs n_tokens MoI steps without decoding: step t takes logits set t % n_sets
-// (`logits` holds n_sets x n_vocab floats, n_vocab <= the rows' vocabulary) and
-// sampled token tokens[t % n_sets], selects the top_k candidates, weighs them for
-// beta and mixes their rows. Writes the mean microseconds per step of each part.
+// (`logits` holds n_sets x n_vocab floats, 40 <= n_vocab <= the rows' vocabulary)
+// and sampled token tokens[t % n_sets], selects the top_k (<= 40) candidates,
+// weighs them for beta and mixes their rows; and samples the same logits with
+// llama-cpp-python's default chain, stock and shared. Writes the mean
+// microseconds per step of each part. MoI adds shared - stock + weights + mix
+// beyond stock sampling, or select + weights + mix where the chain cannot share.
 PYMOI_API pymoi_status pymoi_host_time_measure(
         const pymoi_embedding_rows * rows, const float * logits, int32_t n_sets, int32_t n_vocab,
         const llama_token * tokens, float beta, int32_t top_k, int32_t n_tokens, pymoi_host_time * out);
@@ -144,10 +157,21 @@ PYMOI_API pymoi_status pymoi_session_info_get(const pymoi_session * session, pym
 // holds the logits of its last position.
 PYMOI_API pymoi_status pymoi_session_begin(pymoi_session * session, float beta, int32_t top_k);
 
+// Declares that the sampler chains of the following steps (until the next
+// pymoi_session_begin, which sets 0) change and drop no candidate before a
+// top-k step with k = chain_top_k (as llama-cpp-python's default chain, whose
+// penalties do nothing at their defaults). When chain_top_k >= top_k the chain
+// is handed just those k candidates, sorted, found in the same pass over the
+// logits as the mixture's top_k; otherwise (0, or below top_k) the whole
+// vocabulary. Logits that tie rank the lower token id first (llama.cpp leaves
+// their order open), NaN last.
+PYMOI_API pymoi_status pymoi_session_share_top_k(pymoi_session * session, int32_t chain_top_k);
+
 // One generated token. If the previous step left a mixture, decodes it at
 // position n_past (sequence 0) first. Then samples the next token from the
-// current logits with `sampler` (llama_sampler_sample: the sampler accepts it),
-// computes that token's mixture and keeps it for the next step.
+// current logits with `sampler` (applied as llama_sampler_sample applies it;
+// the sampler accepts the token), computes that token's mixture and keeps it
+// for the next step.
 PYMOI_API pymoi_status pymoi_session_step(
         pymoi_session * session, struct llama_sampler * sampler, int32_t n_past, llama_token * out_token);
 
@@ -180,6 +204,9 @@ PYMOI_API void pymoi_batch_free(pymoi_batch * batch);
 PYMOI_API pymoi_status pymoi_batch_add(pymoi_batch * batch, int32_t seq, struct llama_sampler * sampler, float beta,
                                        int32_t top_k, const llama_token * tokens, int32_t n_tokens, int32_t n_keep,
                                        int32_t * out_n_kept);
+
+// pymoi_session_share_top_k for sequence `seq` (in use; pymoi_batch_add sets 0).
+PYMOI_API pymoi_status pymoi_batch_share_top_k(pymoi_batch * batch, int32_t seq, int32_t chain_top_k);
 
 // One step: a single llama_decode of the mixtures left by the previous step
 // and of up to n_batch rows of the prompts still being read (oldest sequence

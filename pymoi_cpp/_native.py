@@ -50,6 +50,8 @@ class host_time(ctypes.Structure):
         ("select_us", ctypes.c_double),
         ("weights_us", ctypes.c_double),
         ("mix_us", ctypes.c_double),
+        ("stock_sample_us", ctypes.c_double),
+        ("shared_sample_us", ctypes.c_double),
     ]
 
 
@@ -84,6 +86,10 @@ def _load() -> ctypes.CDLL:
         "pymoi_embedding_rows_free": ([ctypes.c_void_p], None),
         "pymoi_embedding_rows_info_get": ([ctypes.c_void_p, ctypes.POINTER(embedding_rows_info)], ctypes.c_int),
         "pymoi_embedding_rows_dequantise": ([ctypes.c_void_p, ctypes.c_int32, c_float_p], ctypes.c_int),
+        "pymoi_sample": (
+            [c_float_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, c_int32_p, c_int32_p],
+            ctypes.c_int,
+        ),
         "pymoi_host_time_measure": (
             [ctypes.c_void_p, c_float_p, ctypes.c_int32, ctypes.c_int32, c_int32_p, ctypes.c_float, ctypes.c_int32,
              ctypes.c_int32, ctypes.POINTER(host_time)],
@@ -97,6 +103,7 @@ def _load() -> ctypes.CDLL:
         "pymoi_session_free": ([ctypes.c_void_p], None),
         "pymoi_session_info_get": ([ctypes.c_void_p, ctypes.POINTER(session_info)], ctypes.c_int),
         "pymoi_session_begin": ([ctypes.c_void_p, ctypes.c_float, ctypes.c_int32], ctypes.c_int),
+        "pymoi_session_share_top_k": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_int),
         "pymoi_session_step": (
             [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32)],
             ctypes.c_int,
@@ -110,6 +117,7 @@ def _load() -> ctypes.CDLL:
              ctypes.c_int32, c_int32_p],
             ctypes.c_int,
         ),
+        "pymoi_batch_share_top_k": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32], ctypes.c_int),
         "pymoi_batch_step": ([ctypes.c_void_p, c_int32_p], ctypes.c_int),
         "pymoi_batch_finish": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32], ctypes.c_int),
         "pymoi_batch_logits": ([ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(c_float_p)], ctypes.c_int),

@@ -12,7 +12,7 @@ import llama_cpp
 import numpy as np
 
 from ._native import check, lib
-from .mixing import validate_beta
+from .mixing import chain_top_k, validate_beta
 
 BetaArgument = Union[Optional[float], Sequence[Optional[float]]]
 
@@ -55,13 +55,22 @@ class NativeBatch:
         check(lib.pymoi_batch_open(session, ctx, n_seq, ctypes.byref(handle)))
         self._handle: Optional[ctypes.c_void_p] = handle
 
-    def add(self, seq: int, sampler: Any, beta: float, top_k: int, prompt: Sequence[int], n_keep: int = 0) -> int:
+    def add(
+        self, seq: int, sampler: Any, beta: float, top_k: int, prompt: Sequence[int], n_keep: int = 0, chain_top_k: int = 0
+    ) -> int:
         """Starts sequence `seq` on `prompt` with a llama_cpp sampler (kept alive by the caller until finish),
-        reusing the KV cells of the first n_keep prompt tokens where finish() kept them; returns how many it reused."""
+        reusing the KV cells of the first n_keep prompt tokens where finish() kept them; returns how many it reused.
+        chain_top_k: see mixing.chain_top_k."""
         tokens = (ctypes.c_int32 * len(prompt))(*prompt)
         pointer = ctypes.cast(sampler.sampler, ctypes.c_void_p)
         kept = ctypes.c_int32(0)
         check(lib.pymoi_batch_add(self._handle, seq, pointer, beta, top_k, tokens, len(prompt), n_keep, ctypes.byref(kept)))
+        if chain_top_k:
+            try:
+                check(lib.pymoi_batch_share_top_k(self._handle, seq, chain_top_k))
+            except BaseException:
+                self.finish(seq)
+                raise
         return kept.value
 
     def step(self) -> list[int]:
@@ -132,7 +141,7 @@ def generate_batch(
     batch = NativeBatch(llm._require_session(), ctypes.cast(llm._ctx.ctx, ctypes.c_void_p), n_seq, llm.n_vocab())
     try:
         for index, prompt in enumerate(tokens):
-            batch.add(index, samplers[index], betas[index], moi_top_k, prompt)
+            batch.add(index, samplers[index], betas[index], moi_top_k, prompt, chain_top_k=chain_top_k(sampling))
         live = n_seq
         while live and not llm.interrupted():
             for index, token in enumerate(batch.step()):

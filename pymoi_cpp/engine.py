@@ -24,6 +24,7 @@ from llama_cpp import StoppingCriteriaList
 
 from .batch import NativeBatch
 from .llama import GenerationCounts, Llama, check_grammar
+from .mixing import chain_top_k
 
 
 class EngineBusy(RuntimeError):
@@ -48,6 +49,7 @@ class Generation:
         *,
         beta: Optional[float],
         top_k: int,
+        chain_top_k: int = 0,
         max_tokens: int,
         stop_tokens: frozenset[int],
         keep_logits: bool = False,
@@ -57,6 +59,7 @@ class Generation:
         self.sampler = sampler  # a llama_cpp LlamaSampler, alive until the sequence is finished
         self.native_beta = math.inf if beta is None else beta
         self.top_k = top_k
+        self.chain_top_k = chain_top_k  # see mixing.chain_top_k
         self.max_tokens = max_tokens
         self.stop_tokens = stop_tokens
         self.keep_logits = keep_logits
@@ -196,7 +199,8 @@ class Engine:
             self._cached[seq] = []
             try:
                 generation.cached_tokens = self._batch.add(
-                    seq, generation.sampler, generation.native_beta, generation.top_k, generation.prompt, n_keep
+                    seq, generation.sampler, generation.native_beta, generation.top_k, generation.prompt, n_keep,
+                    generation.chain_top_k,
                 )
             except Exception as error:
                 generation._end(error)
@@ -389,7 +393,7 @@ class EngineModel:
         room = self._n_ctx - len(tokens)
         limit = room if self.max_tokens_hint is None or self.max_tokens_hint <= 0 else min(room, self.max_tokens_hint)
         generation = Generation(
-            tokens, sampler, beta=self._beta, top_k=self._moi_top_k, max_tokens=limit,
+            tokens, sampler, beta=self._beta, top_k=self._moi_top_k, chain_top_k=chain_top_k(sampling), max_tokens=limit,
             stop_tokens=self._llm.end_of_generation_tokens, keep_logits=self._keep_logits, interrupt=self._interrupt,
         )
         self._generation = generation

@@ -18,7 +18,7 @@ from llama_cpp.llama_tokenizer import LlamaTokenizer
 from ._native import PYMOI_ERR_FORMAT, PYMOI_ERR_IO, PYMOI_ERR_UNSUPPORTED, PymoiError, check, lib, session_info
 from .batch import completion_choices, generate_batch, per_sequence_betas
 from .embedding_rows import EmbeddingRows
-from .mixing import validate_beta, validate_top_k
+from .mixing import chain_top_k, validate_beta, validate_top_k
 from .pieces import TokenPieces
 
 
@@ -662,6 +662,7 @@ class Llama(llama_cpp.Llama):
         token = ctypes.c_int32(0)
         try:
             check(lib.pymoi_session_begin(session, settings.beta, settings.top_k))
+            check(lib.pymoi_session_share_top_k(session, chain_top_k(sampling)))
             check(lib.pymoi_session_step(session, sampler, self.n_tokens, ctypes.byref(token)))
             while True:
                 if stopping_criteria is not None and stopping_criteria(

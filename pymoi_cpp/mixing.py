@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ctypes
+import inspect
 import math
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import numpy.typing as npt
 
-from ._native import check, lib
+from ._native import check, lib, llama_cpp
 
 DIRECT_MIXTURE_BETA = -99.0
 """beta at or below this selects the direct mixture (weights = prior over the top K)."""
@@ -95,3 +96,31 @@ def denied_architectures() -> dict[str, str]:
         denied[(name.value or b"").decode()] = (reason.value or b"").decode()
         index += 1
     return denied
+
+
+_SAMPLER_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(llama_cpp.Llama._init_sampler).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
+
+
+def chain_top_k(sampling: Mapping[str, Any]) -> int:
+    """The k of the top-k step of the sampler chain that llama_cpp.Llama._init_sampler builds from
+    `sampling` when nothing before it changes or drops candidates (no logits processor, penalties
+    at their no-op values, no grammar; temperature sampling without mirostat); 0 otherwise.
+
+    MoI's own top-K selection then serves that step: the chain is handed only those k candidates
+    (pymoi_session_share_top_k)."""
+    settings = {**_SAMPLER_DEFAULTS, **sampling}
+    shareable = (
+        settings.get("logits_processor") is None
+        and settings.get("grammar") is None
+        and settings["repeat_penalty"] == 1.0
+        and settings["frequency_penalty"] == 0.0
+        and settings["presence_penalty"] == 0.0
+        and settings["temp"] > 0.0
+        and settings["mirostat_mode"] == 0
+        and settings["top_k"] > 0
+    )
+    return int(settings["top_k"]) if shareable else 0

@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 PYMOI = pathlib.Path(sys.executable).with_name("pymoi")
 TIMING_FIELDS = {"decode_tokens_per_s", "prompt_tokens_per_s", "time_to_first_token_s"}
 
@@ -54,10 +56,13 @@ def test_bench_writes_every_field(smollm2_path: str, tmp_path: pathlib.Path) -> 
     assert "first-token time per turn" in result.stdout
     host = data["host_time_us"]
     assert host["n_vocab"] == 49152 and host["n_embd"] == 576 and host["top_k"] == 20
-    for part in ("select_us", "weights_us", "mix_us"):
+    for part in ("select_us", "weights_us", "mix_us", "stock_sample_us", "shared_sample_us"):
         assert 0 < host[part]["min"] <= host[part]["median"]
-    assert host["total_us"]["median"] >= host["select_us"]["median"]
-    assert "MoI host time per token" in result.stdout and "vocabulary 49152" in result.stdout
+    for run in range(len(host["added_us"]["runs"])):
+        part = {name: host[name]["runs"][run] for name in host if isinstance(host[name], dict)}
+        assert part["added_us"] == pytest.approx(part["shared_sample_us"] - part["stock_sample_us"] + part["weights_us"] + part["mix_us"])
+        assert part["unshared_us"] == pytest.approx(part["select_us"] + part["weights_us"] + part["mix_us"])
+    assert "MoI host time per token beyond stock sampling" in result.stdout and "vocabulary 49152" in result.stdout
 
 
 def test_bench_bad_arguments(tmp_path: pathlib.Path) -> None:
