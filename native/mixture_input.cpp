@@ -87,6 +87,14 @@ int MixtureInput::prepare(float beta, int32_t top_k, int32_t chain_top_k, Mixtur
     return PYMOI_OK;
 }
 
+int MixtureInput::prepare(float beta, int32_t top_k, MixtureScratch & scratch, std::string * error) const {
+    return prepare(beta, top_k, 0, scratch, error);
+}
+
+void MixtureInput::select(const float * logits, int32_t top_k, MixtureScratch & scratch) const {
+    select_top_k(logits, n_vocab_, top_k, scratch.ids.data());
+}
+
 llama_token MixtureInput::sample(const float * logits, llama_sampler * sampler, int32_t top_k, int32_t chain_top_k,
                                  MixtureScratch & scratch, llama_token_data * candidates) const {
     return sample_and_select(logits, n_vocab_, sampler, top_k, chain_top_k, scratch.ids.data(), candidates);

@@ -83,6 +83,11 @@ class MixtureInput {
     llama_token sample(const float * logits, llama_sampler * sampler, int32_t top_k, int32_t chain_top_k,
                        MixtureScratch & scratch, llama_token_data * candidates) const;
 
+    // For callers that sample on their own (the patched llama-server): prepare()
+    // for a chain that sees the whole vocabulary, and the top_k candidates alone.
+    int  prepare(float beta, int32_t top_k, MixtureScratch & scratch, std::string * error) const;
+    void select(const float * logits, int32_t top_k, MixtureScratch & scratch) const;
+
     // Writes to `out` (n_embd floats) the input that stands for `sampled` after
     // the step whose candidates sample() kept: the mixture for `beta`, with the
     // scaling the model applies to token inputs. Safe to call from several

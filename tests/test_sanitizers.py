@@ -122,6 +122,10 @@ def memcheck_invalid_reads(script: str, model: str) -> list[str]:
         env=dict(os.environ, PYTHONMALLOC="malloc"),
         cwd="/",
     )
+    assert "did not recognise" not in run.stderr, (
+        "valgrind cannot run this llama.cpp build (AVX-512 instructions?): install llama-cpp-python with "
+        'CMAKE_ARGS="-DGGML_NATIVE=OFF", as the README\'s test command does\n' + run.stderr[-2000:]
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     # A report: "==PID== Invalid read of size N" and its stack, up to a line holding only "==PID== ".
     reports = re.split(r"^==\d+== \n", run.stderr, flags=re.MULTILINE)
