@@ -2,8 +2,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cmath>
-#include <limits>
 
 #include "architecture.h"
 #include "embedding_batch.h"
@@ -102,59 +100,24 @@ llama_token MixtureInput::sample(const float * logits, llama_sampler * sampler, 
     return sample_and_select(logits, n_vocab_, sampler, top_k, chain_top_k, scratch.ids.data(), candidates);
 }
 
-namespace {
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// What the chain is handed for a logit: NaN as -inf (the rank the mixture gives it), and,
-// where the best logit is beyond kShiftAbove (never from a model, but any float reaches the
-// ABI), every logit less the best, so that the chain's temperature cannot overflow it to
-// +inf. Finite logits of a model reach the chain bit for bit, as llama_sampler_sample hands them.
-constexpr float kShiftAbove = 1e30f;
-
-float handed(float logit, float shift) {
-    return std::isnan(logit) ? kNegInf : logit - shift;
-}
-
-// When the best logit is +inf, or every logit is -inf or NaN, the chain's softmax would
-// divide inf - inf (NaN) and draw any token: it is handed only the tokens that tie for the
-// best rank instead, as equal logits 0 (the limit of the distribution), `n` of them.
-size_t hand_best_ties(const float * logits, const int32_t * order, size_t n, float best, llama_token_data * candidates) {
-    size_t kept = 0;
-    for (size_t i = 0; i < n; ++i) {
-        const int32_t t = order != nullptr ? order[i] : static_cast<int32_t>(i);
-        const float   z = std::isnan(logits[t]) ? kNegInf : logits[t];
-        if (z == best) candidates[kept++] = llama_token_data{ t, 0.0f, 0.0f };
-    }
-    return kept;
-}
-
-}  // namespace
-
 llama_token sample_and_select(const float * logits, int32_t n_vocab, llama_sampler * sampler, int32_t top_k,
                               int32_t chain_top_k, int32_t * ids, llama_token_data * candidates) {
     llama_token_data_array cur = { candidates, static_cast<size_t>(n_vocab), -1, false };
     chain_top_k                = std::min(chain_top_k, n_vocab);
-    const bool shared          = chain_top_k >= top_k;
-    // The prefix of a ranking is the ranking of the prefix: the mixture's top_k
-    // are the first of the chain's chain_top_k.
-    select_top_k(logits, n_vocab, shared ? chain_top_k : top_k, ids);
-    const float best  = std::isnan(logits[ids[0]]) ? kNegInf : logits[ids[0]];
-    const float shift = std::isfinite(best) && best > kShiftAbove ? best : 0.0f;
-    if (!std::isfinite(best)) {
-        // Ties are in the prefix on the shared path (sorted); the whole vocabulary otherwise.
-        cur.size   = hand_best_ties(logits, shared ? ids : nullptr, shared ? static_cast<size_t>(chain_top_k) : static_cast<size_t>(n_vocab), best, candidates);
-        cur.sorted = true;
-    } else if (shared) {
+    if (chain_top_k >= top_k) {
+        // The prefix of a ranking is the ranking of the prefix: the mixture's top_k
+        // are the first of the chain's chain_top_k.
+        select_top_k(logits, n_vocab, chain_top_k, ids);
         for (int32_t i = 0; i < chain_top_k; ++i) {
-            candidates[i] = llama_token_data{ ids[i], handed(logits[ids[i]], shift), 0.0f };
+            candidates[i] = llama_token_data{ ids[i], logits[ids[i]], 0.0f };
         }
         // What llama.cpp's top-k leaves: sorted, so the chain's own top-k keeps it as it is.
         cur.size   = static_cast<size_t>(chain_top_k);
         cur.sorted = true;
     } else {
+        select_top_k(logits, n_vocab, top_k, ids);
         for (llama_token t = 0; t < n_vocab; ++t) {
-            candidates[t] = llama_token_data{ t, handed(logits[t], shift), 0.0f };
+            candidates[t] = llama_token_data{ t, logits[t], 0.0f };
         }
     }
     llama_sampler_apply(sampler, &cur);

@@ -93,13 +93,6 @@ PYMOI_API pymoi_status pymoi_embedding_rows_dequantise(const pymoi_embedding_row
 // steps do it: `sampler` applied (and accepting its token), the top_k mixture
 // candidates written to out_ids (top_k entries, best first), and chain_top_k
 // as for pymoi_session_share_top_k. `candidates` is scratch of n_vocab entries.
-// The chain is handed NaN logits as -infinity; when the best logit is +infinity
-// (or none is above -infinity) only the tokens tied for it, as equal logits; and,
-// when the best logit exceeds 1e30, every logit less the best (so that the
-// chain's temperature cannot overflow): its softmax never sees inf - inf, and
-// the token is never one whose logit is NaN or -inf while another is finite.
-// Finite logits up to 1e30 reach the chain unchanged. The same holds for the
-// session's and the batch's steps.
 PYMOI_API pymoi_status pymoi_sample(const float * logits, int32_t n_vocab, struct llama_sampler * sampler,
                                     int32_t top_k, int32_t chain_top_k, llama_token_data * candidates,
                                     int32_t * out_ids, llama_token * out_token);
