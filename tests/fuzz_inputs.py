@@ -26,7 +26,7 @@ from tiny_models import (
     write_tiny_model,
 )
 
-TARGETS = ("gguf_rows", "lora", "mixer", "sample", "batch")
+TARGETS = ("gguf_rows", "lora", "mixer", "batch")
 
 # --- gguf_rows / lora ---------------------------------------------------------------------------
 
@@ -212,121 +212,6 @@ def replay_mixer(data: bytes) -> str:
     return f"{n} weights"
 
 
-# --- sample -------------------------------------------------------------------------------------
-
-
-def sample_input(logits: np.ndarray, top_k: int, chain_top_k: int, k: int, seed: int, flags: int) -> bytes:
-    return struct.pack("<iiiIB", top_k, chain_top_k, k, seed, flags) + np.asarray(logits, dtype="<f4").tobytes()
-
-
-def write_sample_seeds(corpus: pathlib.Path) -> None:
-    rng = np.random.default_rng(1)
-    z = (rng.standard_normal(200) * 3).astype(np.float32)
-    special = z.copy()
-    special[[2, 7, 11, 50, 51]] = [np.nan, np.inf, -np.inf, np.float32(1e-45), np.nan]
-    seeds = {
-        "shared": sample_input(z, 20, 40, 0, 1234, 0x08),  # llama-cpp-python's defaults: K 20, chain top_k 40
-        "folded": sample_input(z, 7, 13, 0, 7, 0x0B),
-        "whole": sample_input(z, 20, 0, 40, 1234, 0x00),
-        "special": sample_input(special, 10, 40, 0, 3, 0x09),
-        "ties": sample_input(np.repeat(np.float32([3, 1, 0.5, -2]), 16), 5, 40, 40, 9, 0x00),
-        "all-minus-inf": sample_input(np.full(50, -np.inf, np.float32), 5, 40, 40, 1, 0x00),
-        "all-nan": sample_input(np.full(50, np.nan, np.float32), 5, 0, 40, 1, 0x00),
-        "beyond-vocab": sample_input(z[:30], 30, 64, 64, 5, 0x00),
-        "one": sample_input(np.ones(1, np.float32), 1, 1, 1, 0, 0x00),
-        "chain-below-k": sample_input(z, 20, 10, 10, 2, 0x00),
-        "raw-args": sample_input(z[:8], 0, -1, 40, 0, 0x00),
-    }
-    for name, data in seeds.items():
-        (corpus / f"seed-{name}").write_bytes(data)
-
-
-def _default_chain(n_vocab: int, k: int, seed: int):  # noqa: ANN202 (llama_cpp._internals.LlamaSampler)
-    """llama-cpp-python's default chain (Llama._init_sampler's order and defaults), top_k(k)."""
-    import llama_cpp
-
-    chain = llama_cpp._internals.LlamaSampler()
-    chain.add_penalties(n_vocab, 64, 1.0, 0.0, 0.0)
-    chain.add_top_k(k)
-    chain.add_typical(1.0, 1)
-    chain.add_top_p(0.95, 1)
-    chain.add_min_p(0.05, 1)
-    chain.add_temp(0.8)
-    chain.add_dist(seed)
-    return chain
-
-
-def _pymoi_sample(logits: Optional[np.ndarray], n_vocab: int, chain, top_k: int, chain_top_k: int,  # noqa: ANN001
-                  candidates, ids: Optional[np.ndarray], token: Optional[ctypes.c_int32]) -> int:  # noqa: ANN001
-    from pymoi_cpp._native import lib
-
-    return lib.pymoi_sample(
-        None if logits is None else logits.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n_vocab,
-        None if chain is None else ctypes.cast(chain.sampler, ctypes.c_void_p), top_k, chain_top_k,
-        None if candidates is None else ctypes.cast(candidates, ctypes.c_void_p),
-        None if ids is None else ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-        None if token is None else ctypes.byref(token),
-    )  # fmt: skip
-
-
-def replay_sample(data: bytes) -> str:
-    """pymoi_sample with llama-cpp-python's default chain on a sample input, against numpy and the whole-vocabulary path."""
-    import llama_cpp
-    from pymoi_cpp._native import lib
-
-    head = data[:17] + bytes(max(0, 17 - len(data)))
-    top_k, chain_top_k, k, seed, flags = struct.unpack("<iiiIB", head)
-    rest = data[17:]
-    logits = np.frombuffer(rest[: len(rest) // 4 * 4], dtype="<f4").astype(np.float32)
-    n_vocab = logits.size
-    if flags & 1 and n_vocab:
-        top_k = 1 + (top_k % 2**32) % n_vocab
-    if flags & 2 and 1 <= top_k <= n_vocab:
-        chain_top_k = top_k + (chain_top_k % 2**32) % (n_vocab - top_k + 2)
-    if flags & 4:
-        chain_top_k = 0
-    if flags & 8:
-        k = chain_top_k
-    buffer = np.ascontiguousarray(logits if n_vocab else np.zeros(1, np.float32))
-    args_ok = n_vocab >= 1 and 1 <= top_k <= n_vocab and chain_top_k >= 0
-    ids = np.full(top_k if args_ok else 1, -7, dtype=np.int32)  # a call that wrongly accepted bad arguments would write past it
-    candidates = (llama_cpp.llama_token_data * buffer.size)()
-    token = ctypes.c_int32(-7)
-    ranked = np.where(np.isnan(logits), -np.inf, logits)
-    order = np.lexsort((np.arange(n_vocab), -ranked)) if n_vocab else np.zeros(0, np.int64)
-    chain = _default_chain(max(n_vocab, 1), k, seed)
-
-    for null in range(5):
-        status = _pymoi_sample(None if null == 0 else buffer, n_vocab, None if null == 1 else chain, top_k, chain_top_k,
-                               None if null == 2 else candidates, None if null == 3 else ids, None if null == 4 else token)
-        message = lib.pymoi_last_error().decode()
-        assert status == 1 and message, ("a null pointer was accepted", null, status, message)
-
-    status = _pymoi_sample(buffer, n_vocab, chain, top_k, chain_top_k, candidates, ids, token)
-    if not args_ok:
-        message = lib.pymoi_last_error().decode()
-        assert status == 1 and message, (status, message)
-        return f"refused: {message}"
-    assert status == 0, lib.pymoi_last_error()
-    np.testing.assert_array_equal(ids, order[:top_k])
-    t = token.value
-    assert 0 <= t < n_vocab, t
-    assert not np.any(np.isfinite(logits)) or ranked[t] > -np.inf, (t, logits[t])
-
-    if chain_top_k < top_k or k < 1 or (k > chain_top_k and chain_top_k < n_vocab):
-        return f"token {t}"
-    top = logits[order[: min(min(chain_top_k, n_vocab) + 1, n_vocab)]]
-    if not (np.all(np.isfinite(top)) and np.all(np.diff(top) < 0)):
-        return f"token {t} (shared, not compared)"
-    whole_ids = np.full(top_k, -7, dtype=np.int32)
-    whole_token = ctypes.c_int32(-7)
-    status = _pymoi_sample(buffer, n_vocab, _default_chain(n_vocab, k, seed), top_k, 0, candidates, whole_ids, whole_token)
-    assert status == 0, lib.pymoi_last_error()
-    np.testing.assert_array_equal(whole_ids, ids)
-    assert whole_token.value == t, (t, whole_token.value)
-    return f"token {t} (shared = whole vocabulary)"
-
-
 # --- batch --------------------------------------------------------------------------------------
 
 BATCH_BETAS = (0.0, 1.0, math.inf, -100.0, -1.0, math.nan, 1e30, -math.inf)
@@ -352,13 +237,6 @@ def write_batch_seeds(work: pathlib.Path, corpus: pathlib.Path) -> pathlib.Path:
         "session": bytes([1]) + add(0, prompt) + step + struct.pack("<BbBh", 4, 0, 1, 3) + struct.pack("<Bbh", 5, 0, 7)
         + struct.pack("<Bbh", 5, 0, 8) + struct.pack("<Bbh", 6, 0, 9) + struct.pack("<Bbh", 5, 1, 10),
         "open-bad": bytes([9]),
-        # share_top_k: the session's (valid, negative, null session) and the batch's (in use, free, foreign, negative,
-        # null batch), then steps on the shared path
-        "share": bytes([2]) + add(0, prompt) + struct.pack("<Bbh", 8, 0, 40) + struct.pack("<Bbh", 8, 1, 40)
-        + struct.pack("<Bbh", 8, 3, 5) + struct.pack("<Bbh", 8, 0, -1) + struct.pack("<Bbh", 8, -128, 40) + step * 3
-        + struct.pack("<BbBh", 4, 0, 1, 5) + struct.pack("<Bbh", 7, 0, 40) + struct.pack("<Bbh", 7, 0, -3)
-        + struct.pack("<Bbh", 7, 1, 40) + struct.pack("<Bbh", 5, 0, 7) + struct.pack("<Bbh", 5, 0, 8)
-        + struct.pack("<Bbh", 8, 0, 0) + step + struct.pack("<Bbb", 2, 0, 0) + struct.pack("<Bbh", 8, 0, 40),
     }
     for name, data in seeds.items():
         (corpus / f"seed-{name}").write_bytes(data)
@@ -443,7 +321,7 @@ class BatchReplay:
         try:
             while ops < 64 and not reader.empty():
                 ops += 1
-                op, seq = int(reader.take("B")) % 9, int(reader.take("b"))
+                op, seq = int(reader.take("B")) % 7, int(reader.take("b"))
                 if op == 0:
                     flags = int(reader.take("B"))
                     beta = self._take_beta(reader)
@@ -509,26 +387,10 @@ class BatchReplay:
                         assert 0 <= token.value < self.n_vocab
                     else:
                         self._clean_failure(status)
-                elif op == 6:
+                else:
                     status = lib.pymoi_session_flush(self.session, int(reader.take("h")))
                     if status:
                         self._clean_failure(status)
-                elif op == 7:
-                    chain_top_k = int(reader.take("h"))
-                    null = bool(seq & 1)
-                    status = lib.pymoi_session_share_top_k(None if null else self.session, chain_top_k)
-                    if not null and chain_top_k >= 0:
-                        assert status == 0, lib.pymoi_last_error()
-                    else:
-                        self._clean_failure(status, 1)
-                else:
-                    chain_top_k = int(reader.take("h"))
-                    null = seq == -128
-                    status = lib.pymoi_batch_share_top_k(None if null else batch, seq, chain_top_k)
-                    if not null and 0 <= seq < n_seq and in_use[seq] and chain_top_k >= 0:
-                        assert status == 0, lib.pymoi_last_error()
-                    else:
-                        self._clean_failure(status, 1)
         finally:
             lib.pymoi_batch_free(batch)
         return f"{ops} operations"
@@ -540,7 +402,6 @@ def write_all(work: pathlib.Path, corpora: dict[str, pathlib.Path]) -> None:
     write_gguf_rows_seeds(work, corpora["gguf_rows"])
     write_lora_seeds(corpora["lora"])
     write_mixer_seeds(corpora["mixer"])
-    write_sample_seeds(corpora["sample"])
     write_batch_seeds(work, corpora["batch"])
 
 
@@ -558,8 +419,6 @@ def replay_files(target: str, work: pathlib.Path, files: list[pathlib.Path], mod
                 result = replay_lora(data, work)
             elif target == "mixer":
                 result = replay_mixer(data)
-            elif target == "sample":
-                result = replay_sample(data)
             else:
                 assert batch is not None, "the batch target needs its model"
                 result = batch.replay(data)
