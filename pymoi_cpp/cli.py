@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -514,6 +515,8 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from .chat import Chat
 
+    # A chat started with SIGINT ignored (a background job of a script) would not see Ctrl-C at all.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     status = Status(sys.stdout, args.quiet)
     llm = load_model(args, status)
     try:
