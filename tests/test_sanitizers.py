@@ -124,7 +124,7 @@ def memcheck_invalid_reads(script: str, model: str) -> list[str]:
     )
     assert "did not recognise" not in run.stderr, (
         "valgrind cannot run this llama.cpp build (AVX-512 instructions?): install llama-cpp-python with "
-        'CMAKE_ARGS="-DGGML_NATIVE=OFF", as the README\'s test command does\n' + run.stderr[-2000:]
+        'CMAKE_ARGS="-DGGML_NATIVE=OFF" and pip --no-cache-dir, as the README\'s test command does\n' + run.stderr[-2000:]
     )
     assert run.returncode == 0, run.stderr[-4000:]
     # A report: "==PID== Invalid read of size N" and its stack, up to a line holding only "==PID== ".
