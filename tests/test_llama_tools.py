@@ -32,13 +32,27 @@ PROMPT = "The three most useful things to pack for a week of hiking are"
 N_PREDICT = 32
 
 
+def cmake_args_like_llama_cpp_python() -> str:
+    """The CMake option that builds the tools for the instruction set llama-cpp-python was built for.
+
+    MoI feeds continuous inputs, so AVX-512 and AVX2 kernels (whose sums round differently) can
+    move a greedy choice: test_beta_one_equals_pymoi_llama compares the server with pymoi_cpp.Llama,
+    which runs on llama-cpp-python's library (built with -DGGML_NATIVE=OFF by the README's command)."""
+    import llama_cpp
+
+    return "" if "AVX512 = 1" in llama_cpp.llama_print_system_info().decode() else "-DGGML_NATIVE=OFF"
+
+
 @pytest.fixture(scope="module")
 def tools(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
     """Paths of the patched llama-server, llama-cli and ggml-rpc-server and of the unpatched llama-server.
 
     PYMOI_TEST_TOOLS_DIR names a folder to build in instead of a fresh one (rebuilds only what changed)."""
     out = pathlib.Path(os.environ.get("PYMOI_TEST_TOOLS_DIR") or tmp_path_factory.mktemp("llama-tools"))
-    built = subprocess.run([str(PYMOI), "build-llama-tools", "--out", str(out), "--jobs", JOBS], capture_output=True, text=True)
+    built = subprocess.run(
+        [str(PYMOI), "build-llama-tools", "--out", str(out), "--jobs", JOBS], capture_output=True, text=True,
+        env=dict(os.environ, CMAKE_ARGS=" ".join(filter(None, [os.environ.get("CMAKE_ARGS"), cmake_args_like_llama_cpp_python()]))),
+    )
     assert built.returncode == 0, built.stdout + built.stderr
     printed = dict(re.findall(r"^(llama-server|llama-cli|ggml-rpc-server): (.+)$", built.stdout, re.MULTILINE))
     assert set(printed) == {"llama-server", "llama-cli", "ggml-rpc-server"}, built.stdout
