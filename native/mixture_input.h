@@ -74,10 +74,10 @@ class MixtureInput {
 
     // Samples a token from a step's raw logits with `sampler` (applied, then accepted,
     // as llama_sampler_sample does) and keeps the mixture's top_k candidates in
-    // `scratch`. chain_top_k >= top_k declares that nothing in the chain changes or
-    // drops candidates before its top-k step, of that k: the chain is then handed
-    // just those candidates, sorted, found in the same pass over the logits as the
-    // mixture's. Otherwise (0, or below top_k) it gets the whole vocabulary in
+    // `scratch`. chain_top_k >= top_k declares that the chain samples the same token
+    // from the chain_top_k best logits as from all (pymoi_session_share_top_k): it is
+    // then handed just those candidates, sorted, found in the same pass over the
+    // logits as the mixture's. Otherwise (0, or below top_k) it gets the whole vocabulary in
     // `candidates` (n_vocab entries). Ties rank the lower id first, NaN last.
     // Returns the token, or -1 when the sampler selected none.
     llama_token sample(const float * logits, llama_sampler * sampler, int32_t top_k, int32_t chain_top_k,

@@ -158,11 +158,13 @@ PYMOI_API pymoi_status pymoi_session_info_get(const pymoi_session * session, pym
 PYMOI_API pymoi_status pymoi_session_begin(pymoi_session * session, float beta, int32_t top_k);
 
 // Declares that the sampler chains of the following steps (until the next
-// pymoi_session_begin, which sets 0) change and drop no candidate before a
-// top-k step with k = chain_top_k (as llama-cpp-python's default chain, whose
-// penalties do nothing at their defaults). When chain_top_k >= top_k the chain
-// is handed just those k candidates, sorted, found in the same pass over the
-// logits as the mixture's top_k; otherwise (0, or below top_k) the whole
+// pymoi_session_begin, which sets 0) sample the same token from their
+// chain_top_k best logits as from the whole vocabulary: a chain whose top-k
+// step of that k comes first (llama-cpp-python's default chain, whose penalties
+// do nothing at their defaults), or of k - n where before it only penalties
+// lower the logits of at most n distinct tokens. When chain_top_k >= top_k the
+// chain is handed just those candidates, sorted, found in the same pass over
+// the logits as the mixture's top_k; otherwise (0, or below top_k) the whole
 // vocabulary. Logits that tie rank the lower token id first (llama.cpp leaves
 // their order open), NaN last.
 PYMOI_API pymoi_status pymoi_session_share_top_k(pymoi_session * session, int32_t chain_top_k);

@@ -141,7 +141,7 @@ def generate_batch(
     batch = NativeBatch(llm._require_session(), ctypes.cast(llm._ctx.ctx, ctypes.c_void_p), n_seq, llm.n_vocab())
     try:
         for index, prompt in enumerate(tokens):
-            batch.add(index, samplers[index], betas[index], moi_top_k, prompt, chain_top_k=chain_top_k(sampling))
+            batch.add(index, samplers[index], betas[index], moi_top_k, prompt, chain_top_k=chain_top_k(sampling, llm.last_n_tokens_size))
         live = n_seq
         while live and not llm.interrupted():
             for index, token in enumerate(batch.step()):

@@ -392,8 +392,9 @@ class EngineModel:
         sampler = self._init_sampler(**sampling)
         room = self._n_ctx - len(tokens)
         limit = room if self.max_tokens_hint is None or self.max_tokens_hint <= 0 else min(room, self.max_tokens_hint)
+        shared_k = chain_top_k(sampling, self._llm.last_n_tokens_size)
         generation = Generation(
-            tokens, sampler, beta=self._beta, top_k=self._moi_top_k, chain_top_k=chain_top_k(sampling), max_tokens=limit,
+            tokens, sampler, beta=self._beta, top_k=self._moi_top_k, chain_top_k=shared_k, max_tokens=limit,
             stop_tokens=self._llm.end_of_generation_tokens, keep_logits=self._keep_logits, interrupt=self._interrupt,
         )
         self._generation = generation

@@ -662,7 +662,7 @@ class Llama(llama_cpp.Llama):
         token = ctypes.c_int32(0)
         try:
             check(lib.pymoi_session_begin(session, settings.beta, settings.top_k))
-            check(lib.pymoi_session_share_top_k(session, chain_top_k(sampling)))
+            check(lib.pymoi_session_share_top_k(session, chain_top_k(sampling, self.last_n_tokens_size)))
             check(lib.pymoi_session_step(session, sampler, self.n_tokens, ctypes.byref(token)))
             while True:
                 if stopping_criteria is not None and stopping_criteria(

@@ -105,22 +105,30 @@ _SAMPLER_DEFAULTS = {
 }
 
 
-def chain_top_k(sampling: Mapping[str, Any]) -> int:
-    """The k of the top-k step of the sampler chain that llama_cpp.Llama._init_sampler builds from
-    `sampling` when nothing before it changes or drops candidates (no logits processor, penalties
-    at their no-op values, no grammar; temperature sampling without mirostat); 0 otherwise.
+def chain_top_k(sampling: Mapping[str, Any], penalty_last_n: int) -> int:
+    """How many of the best logits, found in MoI's own pass, the sampler chain that
+    llama_cpp.Llama._init_sampler builds from `sampling` (with a penalty window of
+    `penalty_last_n` tokens, Llama.last_n_tokens_size) can be handed instead of the whole
+    vocabulary without changing what it samples; 0 when it needs the whole vocabulary.
 
-    MoI's own top-K selection then serves that step: the chain is handed only those k candidates
-    (pymoi_session_share_top_k)."""
+    The chain shares when it is temperature sampling with a top-k step (no logits processor,
+    grammar or mirostat): it is then handed its top_k best, or, when penalties are on, its
+    top_k + penalty_last_n best. Penalties that only lower logits (repeat_penalty >= 1,
+    frequency and presence penalties >= 0) move at most the penalty window's distinct tokens
+    down, so the top_k left after them are among those. (pymoi_session_share_top_k)"""
     settings = {**_SAMPLER_DEFAULTS, **sampling}
-    shareable = (
-        settings.get("logits_processor") is None
-        and settings.get("grammar") is None
-        and settings["repeat_penalty"] == 1.0
-        and settings["frequency_penalty"] == 0.0
-        and settings["presence_penalty"] == 0.0
-        and settings["temp"] > 0.0
-        and settings["mirostat_mode"] == 0
-        and settings["top_k"] > 0
-    )
-    return int(settings["top_k"]) if shareable else 0
+    top_k = int(settings["top_k"])
+    if (
+        settings.get("logits_processor") is not None
+        or settings.get("grammar") is not None
+        or not settings["temp"] > 0.0
+        or settings["mirostat_mode"] != 0
+        or top_k <= 0
+    ):
+        return 0
+    repeat, frequency, presence = settings["repeat_penalty"], settings["frequency_penalty"], settings["presence_penalty"]
+    if penalty_last_n == 0 or (repeat == 1.0 and frequency == 0.0 and presence == 0.0):
+        return top_k
+    if repeat >= 1.0 and frequency >= 0.0 and presence >= 0.0 and penalty_last_n > 0:
+        return top_k + penalty_last_n
+    return 0

@@ -17,10 +17,13 @@ from pymoi_cpp.mixing import chain_top_k
 SEED = 1234
 
 
-def default_chain(n_vocab: int, top_k: int = 40, temp: float = 0.8) -> Any:
-    """llama-cpp-python's default chain (Llama._init_sampler's order and defaults)."""
+def default_chain(
+    n_vocab: int, top_k: int = 40, temp: float = 0.8, penalties: tuple[float, float, float] = (1.0, 0.0, 0.0)
+) -> Any:
+    """llama-cpp-python's default chain (Llama._init_sampler's order and defaults; `penalties`:
+    repeat, frequency and presence penalty over the last 64 tokens)."""
     chain = llama_cpp._internals.LlamaSampler()
-    chain.add_penalties(n_vocab, 64, 1.0, 0.0, 0.0)
+    chain.add_penalties(n_vocab, 64, *penalties)
     chain.add_top_k(top_k)
     chain.add_typical(1.0, 1)
     chain.add_top_p(0.95, 1)
@@ -107,20 +110,49 @@ def test_a_chain_k_below_moi_k_falls_back_to_the_whole_vocabulary() -> None:
         assert sample(logits, shared, 20, 10) == sample(logits, general, 20, 0)
 
 
+def test_penalties_share_the_top_k_plus_the_penalty_window() -> None:
+    """Penalties that only lower logits, on up to 64 distinct recent tokens: the chain's top 40 after
+    them are among the 104 best raw logits, so handing it those samples what the whole vocabulary does.
+    A control chain handed only the 40 best shows that the window's extra candidates matter."""
+    rng = np.random.default_rng(11)
+    n_vocab = 5000
+    history = rng.choice(n_vocab, 64, replace=False).tolist()
+    chains = {name: default_chain(n_vocab, penalties=(3.0, 0.5, 0.5)) for name in ("general", "shared", "control")}
+    for chain in chains.values():
+        for token in history:
+            chain.accept(token)
+    for step in range(12):
+        recent = history[-64:]
+        logits = rng.standard_normal(n_vocab).astype(np.float32)
+        logits[recent] += 6.0  # the 64 best raw logits are all penalized ones
+        general = sample(logits, chains["general"], 20, 0)
+        shared = sample(logits, chains["shared"], 20, 40 + 64)
+        control = sample(logits, chains["control"], 20, 40)
+        assert shared == general, step
+        assert shared[1] == reference_top_k(logits, 20)
+        assert general[0] not in recent  # after the penalties, fresh tokens lead ...
+        assert control[0] in recent  # ... which the 40 best raw logits do not include
+        history.append(general[0])
+
+
 @pytest.mark.parametrize(
-    ("sampling", "expected"),
+    ("sampling", "penalty_last_n", "expected"),
     [
-        ({}, 40),
-        ({"top_k": 64, "temp": 0.3}, 64),
-        ({"repeat_penalty": 1.1}, 0),
-        ({"presence_penalty": 0.5}, 0),
-        ({"frequency_penalty": -0.1}, 0),
-        ({"temp": 0.0}, 0),
-        ({"mirostat_mode": 2}, 0),
-        ({"top_k": 0}, 0),
-        ({"grammar": object()}, 0),
-        ({"logits_processor": [lambda ids, z: z]}, 0),
+        ({}, 64, 40),
+        ({"top_k": 64, "temp": 0.3}, 64, 64),
+        ({"repeat_penalty": 1.1}, 64, 104),
+        ({"repeat_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.2}, 32, 72),
+        ({"repeat_penalty": 1.1}, 0, 40),
+        ({"repeat_penalty": 1.1}, -1, 0),
+        ({"repeat_penalty": 0.9}, 64, 0),
+        ({"frequency_penalty": -0.1}, 64, 0),
+        ({"presence_penalty": -0.5}, 64, 0),
+        ({"temp": 0.0}, 64, 0),
+        ({"mirostat_mode": 2}, 64, 0),
+        ({"top_k": 0}, 64, 0),
+        ({"grammar": object()}, 64, 0),
+        ({"logits_processor": [lambda ids, z: z]}, 64, 0),
     ],
 )
-def test_which_chains_share(sampling: dict[str, Optional[Any]], expected: int) -> None:
-    assert chain_top_k(sampling) == expected
+def test_which_chains_share(sampling: dict[str, Optional[Any]], penalty_last_n: int, expected: int) -> None:
+    assert chain_top_k(sampling, penalty_last_n) == expected
