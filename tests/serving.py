@@ -38,10 +38,10 @@ class Server:
             raise
 
 
-def start_server(tmp_path: pathlib.Path, *args: str) -> Server:
+def start_server(tmp_path: pathlib.Path, *args: str, env: Optional[dict[str, str]] = None) -> Server:
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with out.open("w") as stdout, err.open("w") as stderr:
-        process = subprocess.Popen([str(PYMOI), "serve", *args], stdout=stdout, stderr=stderr)
+        process = subprocess.Popen([str(PYMOI), "serve", *args], stdout=stdout, stderr=stderr, env=env)
     return Server(process, out, err)
 
 

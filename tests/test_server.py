@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
+import os
 import pathlib
 import socket
 import subprocess
@@ -229,6 +230,24 @@ def test_api_key_protects_every_route(server: Server) -> None:
 
 def test_loopback_server_does_not_warn(server: Server) -> None:
     assert "warning" not in server.err.read_text()
+
+
+def test_serve_shortens_openmp_spin_unless_the_user_set_it(smollm2_path: str, tmp_path: pathlib.Path) -> None:
+    """The OpenMP runtime reads its environment when llama.cpp loads, so `pymoi serve` sets GOMP_SPINCOUNT
+    and starts again in the same process: the server that answers has it (and the same pid)."""
+    base = {key: value for key, value in os.environ.items() if key not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    for name, extra, expected in (("default", {}, "20000"), ("user", {"OMP_WAIT_POLICY": "passive"}, None)):
+        folder = tmp_path / name
+        folder.mkdir()
+        running = start_server(folder, smollm2_path, "--port", "0", "--quiet", env={**base, **extra})
+        try:
+            assert post(running, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0] == 200
+            environ = dict(
+                entry.split("=", 1) for entry in pathlib.Path(f"/proc/{running.process.pid}/environ").read_text().split("\0") if "=" in entry
+            )
+            assert environ.get("GOMP_SPINCOUNT") == expected, name
+        finally:
+            running.stop()
 
 
 def test_listening_beyond_loopback_warns(smollm2_path: str, tmp_path: pathlib.Path) -> None:
