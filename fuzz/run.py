@@ -95,7 +95,7 @@ LIBFUZZER_DONE = re.compile(r"Done (\d+) runs in (\d+) second")
 
 
 def run_target(target: str, binary: pathlib.Path, corpus: pathlib.Path, seconds: int, runs: Optional[int],
-               env: dict[str, str]) -> tuple[int, float, int, list[str]]:
+               seed: int, env: dict[str, str]) -> tuple[int, float, int, list[str]]:
     """Runs one target; returns (iterations, seconds taken, exit status, new regression files)."""
     regressions = FUZZ / "regressions" / target
     regressions.mkdir(parents=True, exist_ok=True)
@@ -104,6 +104,8 @@ def run_target(target: str, binary: pathlib.Path, corpus: pathlib.Path, seconds:
                "-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1", f"-artifact_prefix={regressions}/"]
     if runs is not None:
         command.append(f"-runs={runs}")
+    if seed:
+        command.append(f"-seed={seed}")
     log = BUILD / f"{target}.log"
     started = time.monotonic()
     with open(log, "w") as out:
@@ -121,6 +123,7 @@ def main() -> int:
     parser.add_argument("targets", nargs="*", default=list(TARGETS), help=f"targets to run (default: all of {TARGETS})")
     parser.add_argument("--seconds", type=int, default=60, help="base time per target (scaled by its share)")
     parser.add_argument("--runs", type=int, default=None, help="also stop a target after this many iterations")
+    parser.add_argument("--seed", type=int, default=0, help="libFuzzer's -seed, the same inputs every run (default 0: a new seed each run)")
     parser.add_argument("--cxx", default=os.environ.get("CXX_FUZZ", "clang++"), help="a clang++ with libFuzzer")
     args = parser.parse_args()
     unknown = set(args.targets) - set(TARGETS)
@@ -141,7 +144,7 @@ def main() -> int:
     failed = False
     for target in args.targets:
         seconds = max(1, round(args.seconds * TIME_SHARE[target]))
-        iterations, taken, status, new = run_target(target, binaries[target], corpora[target], seconds, args.runs, env)
+        iterations, taken, status, new = run_target(target, binaries[target], corpora[target], seconds, args.runs, args.seed, env)
         verdict = "clean" if status == 0 and not new else f"FOUND {', '.join(new) or f'exit status {status}'}"
         print(f"{target:10s} {iterations:9d} iterations in {taken:5.0f} s (limit {seconds} s)  {verdict}"
               f"  (log: {BUILD / (target + '.log')})", flush=True)

@@ -29,11 +29,38 @@ constexpr const char * kTokenEmbd  = "token_embd.weight";
 constexpr const char * kSplitCount = "split.count";
 constexpr const char * kSplitNo    = "split.no";
 
+// Why ggml would abort creating a tensor of this file (GGML_ASSERT in ggml_new_tensor) although
+// its GGUF parser accepted the shape: a dimension of 0 beside others, or element counts whose
+// product reaches INT64_MAX's quotient exactly (the fuzzer found both). Empty when none would.
+std::string unrepresentable_shape(const gguf_context * gguf) {
+    for (int64_t id = 0; id < gguf_get_n_tensors(gguf); ++id) {
+        const int64_t * ne       = gguf_get_tensor_ne(gguf, id);
+        int64_t         elements = ne[0];
+        for (int i = 1; i < GGML_MAX_DIMS; ++i) {
+            if (ne[i] <= 0 || INT64_MAX / ne[i] <= elements) {
+                return std::string("tensor '") + gguf_get_tensor_name(gguf, id) + "' has a shape ggml cannot hold (" +
+                       std::to_string(ne[0]) + " x " + std::to_string(ne[1]) + " x " + std::to_string(ne[2]) + " x " +
+                       std::to_string(ne[3]) + ")";
+            }
+            elements *= ne[i];
+        }
+    }
+    return "";
+}
+
 struct GgufFile {
     gguf_context * gguf = nullptr;
     ggml_context * meta = nullptr;
 
     explicit GgufFile(const std::string & path) {
+        // The tensor infos are read without a ggml context first, so that a shape ggml would
+        // abort on is refused before any tensor is made of it.
+        gguf_init_params probe = { /*no_alloc =*/ true, /*ctx =*/ nullptr };
+        gguf_context *   infos = gguf_init_from_file(path.c_str(), probe);
+        if (!infos) return;
+        const bool representable = unrepresentable_shape(infos).empty();
+        gguf_free(infos);
+        if (!representable) return;
         gguf_init_params params = { /*no_alloc =*/ true, /*ctx =*/ &meta };
         gguf                    = gguf_init_from_file(path.c_str(), params);
     }
@@ -74,7 +101,10 @@ std::string gguf_refusal(const std::string & path) {
     {
         gguf_init_params params = { /*no_alloc =*/ true, /*ctx =*/ nullptr };
         gguf_context *   gguf   = gguf_init_from_file(path.c_str(), params);
-        if (gguf) gguf_free(gguf);
+        if (gguf) {
+            capture.text += unrepresentable_shape(gguf) + "\n";
+            gguf_free(gguf);
+        }
     }
     ggml_log_set(capture.previous, capture.previous_data);
     // "gguf_init_from_file_impl: invalid magic characters ...\n" lines -> "invalid magic characters ...; ..."

@@ -265,7 +265,7 @@ CASES: dict[str, tuple[Callable[[Gguf], bytes], str]] = {
     ),
     "negative offset": (mutated(set_token_embd(offset=-32)), ROWS_FORMAT + f"has offset {2**64 - 32}, expected 0"),
     "zero n_embd": (mutated(set_token_embd(ne=[0, 300], data=b"")), r"has shape \[0, 300, 1, 1\]"),
-    "zero n_vocab": (mutated(set_token_embd(ne=[64, 0], data=b"")), r"has shape \[64, 0, 1, 1\]"),
+    "zero n_vocab": (mutated(set_token_embd(ne=[64, 0], data=b"")), r"has a shape ggml cannot hold \(64 x 0 x 1 x 1\)"),
     "ne product overflows 64 bits": (
         mutated(set_token_embd(ne=[2**40, 2**40], data=b"")),
         ROWS_FORMAT + "incorrect shape for a tensor 'token_embd.weight' may cause overflow errors",
