@@ -498,7 +498,7 @@ def run_serve(args: argparse.Namespace) -> int:
         llm = load_model(args, status)
         try:
             alias = args.alias or os.path.basename(llm.model_path).removesuffix(".gguf")
-            served = server.ServedModel(llm, alias, max_waiting=args.max_queue)
+            served = server.ServedModel(llm, alias, max_waiting=args.max_queue, engine_thread=False)
             try:
                 host, port = sock.getsockname()[:2]
                 print(f"serving '{alias}' at http://{host if ':' not in host else f'[{host}]'}:{port}/v1 (Ctrl-C stops)", flush=True)

@@ -102,14 +102,21 @@ class Generation:
 
 
 class Engine:
-    """Steps all generations of one pymoi_cpp.Llama together on a thread of its own.
+    """Steps all generations of one pymoi_cpp.Llama together, on a thread of its own or, with
+    own_thread=False, on the thread that calls run().
 
     The model's n_seq_max sequences are the slots; up to `max_waiting` more generations wait in
     arrival order, and submit() raises EngineBusy beyond that. Nothing else may use the model's
     context while the engine runs.
+
+    Where llama.cpp runs on OpenMP (GNU libgomp), a parallel region started from any thread but the
+    process's main one counts that thread's team on top of the main thread's; once the count exceeds
+    the CPUs, every thread at every barrier of the graph sleeps instead of spinning, and a decode takes
+    30-50% longer when n_threads equals the CPUs (measured on 2 cores). A server that decodes with all
+    its CPUs therefore calls run() on the main thread.
     """
 
-    def __init__(self, llm: Llama, *, max_waiting: int = 16) -> None:
+    def __init__(self, llm: Llama, *, max_waiting: int = 16, own_thread: bool = True) -> None:
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, not {max_waiting}")
         self.llm = llm
@@ -123,8 +130,14 @@ class Engine:
         self._waiting: collections.deque[Generation] = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="pymoi-engine", daemon=True)
-        self._thread.start()
+        self._thread: Optional[threading.Thread] = None
+        if own_thread:
+            self._thread = threading.Thread(target=self.run, name="pymoi-engine", daemon=True)
+            self._thread.start()
+
+    @property
+    def has_own_thread(self) -> bool:
+        return self._thread is not None
 
     def load(self) -> tuple[int, int]:
         """(generations in progress, generations waiting)."""
@@ -151,13 +164,17 @@ class Engine:
             self._wake.notify()
 
     def close(self) -> None:
-        """stop(), then waits for the thread and frees the batch."""
+        """stop(), then waits for the engine's own thread (if it has one) and frees the batch.
+        Without one, run() must have returned."""
         self.stop()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self._batch.close()
         self.llm._forget_context()
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Steps the generations until stop(), then ends those in progress and waiting with EngineClosed.
+        The engine's own thread runs it; with own_thread=False, one caller does, once."""
         ending: BaseException = EngineClosed("the server is shutting down")
         try:
             while True:

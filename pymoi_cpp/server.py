@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import json
 import random
+import signal
 import socket
 import threading
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
@@ -113,10 +114,13 @@ class ServedModel:
     requests are served one at a time, as stock.
     """
 
-    def __init__(self, llm: Llama, alias: str, *, max_waiting: int = 16) -> None:
+    def __init__(self, llm: Llama, alias: str, *, max_waiting: int = 16, engine_thread: bool = True) -> None:
+        """engine_thread=False: the engine steps only when run() serves the app, on the main thread."""
         self.llm = llm
         self.alias = alias
-        self.engine: Optional[Engine] = None if llm.moi_refusal is not None else Engine(llm, max_waiting=max_waiting)
+        self.engine: Optional[Engine] = (
+            None if llm.moi_refusal is not None else Engine(llm, max_waiting=max_waiting, own_thread=engine_thread)
+        )
         self.alone = anyio.Lock()
         self.running: Optional[threading.Event] = None  # the generation in progress without an engine
 
@@ -550,7 +554,11 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def run(app: FastAPI, sock: socket.socket, *, quiet: bool) -> None:
-    """Serves app on the bound socket until Ctrl-C or SIGTERM, which end every generation in progress."""
+    """Serves app on the bound socket until Ctrl-C or SIGTERM, which end every generation in progress.
+
+    Called on the main thread. A served model whose engine has no thread of its own is stepped here,
+    on the main thread, with the HTTP server on a thread of its own (see Engine for why).
+    """
     import uvicorn
 
     model: ServedModel = app.state.served
@@ -561,4 +569,33 @@ def run(app: FastAPI, sock: socket.socket, *, quiet: bool) -> None:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not quiet, timeout_graceful_shutdown=5)
-    Server(config).run(sockets=[sock])
+    server = Server(config)
+    engine = model.engine
+    if engine is None or engine.has_own_thread:
+        server.run(sockets=[sock])
+        return
+    failure: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException as error:
+            failure.append(error)
+        finally:
+            model.stop()  # however the HTTP server ends, the engine's run() returns
+
+    # uvicorn listens to signals only on the main thread: they are caught here and handed to it.
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    http = threading.Thread(target=serve, name="pymoi-http")
+    try:
+        http.start()
+        engine.run()
+        http.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failure:
+        raise failure[0]
+    # As uvicorn does on the main thread: the signals that stopped it take their usual effect now.
+    for caught in reversed(server._captured_signals):
+        signal.raise_signal(caught)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 
 import llama_cpp
 import numpy as np
@@ -182,3 +183,48 @@ def test_completion_with_n_choices(batched: pymoi_cpp.Llama) -> None:
         batched.create_completion("The sky is", n=2, stream=True)
     with pytest.raises(ValueError, match="n_seq_max"):
         batched.create_completion("The sky is", n=9)
+
+
+def test_an_engine_without_a_thread_steps_on_the_thread_that_runs_it(batched: pymoi_cpp.Llama) -> None:
+    """Engine(own_thread=False) decodes only inside run(), on the calling thread, until stop(); its
+    generations give each prompt's lone greedy tokens, and it takes no generation after stopping."""
+    from pymoi_cpp.engine import Engine, EngineClosed, EngineModel
+
+    prompts = [batched.tokenize(p) for p in PROMPTS[:2]]
+    expected = [alone(batched, prompt, 16, temp=0.0) for prompt in prompts]
+    engine = Engine(batched, own_thread=False)
+    stepping_threads: set[int] = set()
+    step = engine._batch.step
+
+    def recorded_step() -> list[int]:
+        stepping_threads.add(threading.get_ident())
+        return step()
+
+    engine._batch.step = recorded_step  # type: ignore[method-assign]
+    views = [EngineModel(engine, beta=1.0, moi_top_k=batched.moi_top_k, seed=1) for _ in prompts]
+    results: list[object] = [None, None]
+
+    def consume(index: int) -> None:
+        views[index].max_tokens_hint = 16
+        tokens = list(views[index].generate(prompts[index], temp=0.0))
+        results[index] = [token for token in tokens if token not in batched.end_of_generation_tokens]
+
+    def clients() -> None:
+        consumers = [threading.Thread(target=consume, args=(index,)) for index in range(2)]
+        for consumer in consumers:
+            consumer.start()
+        for consumer in consumers:
+            consumer.join()
+        engine.stop()
+
+    helper = threading.Thread(target=clients)
+    try:
+        helper.start()
+        engine.run()  # returns once the helper has stopped the engine
+        helper.join(60)
+        assert results == expected
+        assert stepping_threads == {threading.get_ident()}
+        with pytest.raises(EngineClosed):
+            views[0].generate(prompts[0], temp=0.0)
+    finally:
+        engine.close()

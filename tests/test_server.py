@@ -250,6 +250,26 @@ def test_serve_shortens_openmp_spin_unless_the_user_set_it(smollm2_path: str, tm
             running.stop()
 
 
+def thread_cpu_seconds(pid: int, tid: Optional[int] = None) -> float:
+    """User and system CPU time of a process, or of one of its threads, from /proc."""
+    stat = pathlib.Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_generations_decode_on_the_main_thread(server: Server) -> None:
+    """The engine steps on the server's main thread (the HTTP server runs on another): with GNU OpenMP, a
+    decode started from any other thread sleeps at every barrier once the threads outnumber the CPUs.
+    The main thread's share of the CPU a generation takes is then about half (it leads one of the
+    two decode threads); with the engine on a thread of its own it was the HTTP work only."""
+    pid = server.process.pid
+    before_main, before_all = thread_cpu_seconds(pid, pid), thread_cpu_seconds(pid)
+    status, body = post(server, "/v1/completions", {**GREEDY, **FIXED, "prompt": PROMPT, "max_tokens": 200})
+    assert status == 200 and body["usage"]["completion_tokens"] > 50
+    main, total = thread_cpu_seconds(pid, pid) - before_main, thread_cpu_seconds(pid) - before_all
+    assert total > 0.2 and main / total > 0.35, (main, total)
+
+
 def test_listening_beyond_loopback_warns(smollm2_path: str, tmp_path: pathlib.Path) -> None:
     wide = start_server(tmp_path, smollm2_path, "--host", "0.0.0.0", "--port", "0", "--quiet")
     try:
