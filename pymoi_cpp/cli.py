@@ -573,9 +573,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 # What `pymoi serve` sets GOMP_SPINCOUNT to (the OpenMP runtime of llama.cpp's CPU backend reads it
 # when it loads). By default a decode thread spins on for about 300000 iterations after each parallel
-# section, so it keeps its core while the server's Python threads (HTTP, streaming, the engine) need
-# it; on a 2-core machine Gemma 3 at 8 concurrent streams served about 15% fewer tokens/s so, and 30%
-# fewer when spinning forever (OMP_WAIT_POLICY=active). 20000 still spans the waits inside one decode.
+# section, so it keeps its core while the server's Python threads (HTTP, streaming) need it. With the
+# engine on a thread of its own, Gemma 3 at 8 concurrent streams on 2 cores served about 15% fewer
+# tokens/s so, and 30% fewer when spinning forever (OMP_WAIT_POLICY=active); with the engine on the
+# main thread the difference is within what that machine can show. 20000 still spans the waits
+# inside one decode.
 SERVE_GOMP_SPINCOUNT = "20000"
 
 
