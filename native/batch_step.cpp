@@ -115,13 +115,16 @@ void BatchStep::add_prompt_rows() {
     const float      scale   = input_.verdict().input_scale;
     MixtureScratch & scratch = scratch_[0];
     for (const int32_t seq : reading_order_) {
-        const size_t s      = static_cast<size_t>(seq);
-        const auto & prompt = prompts_[s];
-        const int32_t n     = static_cast<int32_t>(prompt.size());
-        for (int32_t i = prompt_read_[s]; i < n && rows_.size() < rows_.capacity(); ++i) {
-            input_.token_row(prompt[static_cast<size_t>(i)], scale, scratch, rows_.add(i, seq, i == n - 1));
-        }
+        const size_t  s      = static_cast<size_t>(seq);
+        const auto &  prompt = prompts_[s];
+        const int32_t n      = static_cast<int32_t>(prompt.size());
+        const int32_t read   = prompt_read_[s];
         if (rows_.size() == rows_.capacity()) break;
+        const int32_t count = std::min(n - read, rows_.capacity() - rows_.size());
+        const int32_t first = rows_.insert_in_order(count, read, seq, read + count == n);
+        for (int32_t i = 0; i < count; ++i) {
+            input_.token_row(prompt[static_cast<size_t>(read + i)], scale, scratch, rows_.row(first + i));
+        }
     }
 }
 
@@ -165,8 +168,7 @@ int BatchStep::step(llama_token * tokens, std::string * error) {
         live_logits_[static_cast<size_t>(n_live_)] = llama_get_logits_ith(ctx_, row);
         live_[static_cast<size_t>(n_live_)]        = seq;
         if (static_cast<uint32_t>(n_past_[s]) < n_ctx_seq_) {
-            live_rows_[static_cast<size_t>(n_live_)] = rows_.size();
-            rows_.add(n_past_[s], seq);  // filled by sample()
+            live_rows_[static_cast<size_t>(n_live_)] = rows_.insert_in_order(1, n_past_[s], seq, true);  // filled by sample()
         } else {
             live_rows_[static_cast<size_t>(n_live_)] = -1;
             state_[s]                                = State::full;

@@ -79,7 +79,8 @@ class BatchStep {
     std::vector<int32_t>                  prompt_read_;  // prompt tokens already decoded
     std::vector<int32_t>                  logits_row_;   // row of its logits in the latest decode, or -1
     std::vector<int32_t>                  reading_order_;  // sequences reading their prompts, oldest first
-    // Rows of the next decode: mixtures first, then prompt rows.
+    // Rows of the next decode, in sequence order: one mixture per generating
+    // sequence, the next chunk of each prompt being read.
     EmbeddingBatch rows_;
 
     // One step's live sequences (those with logits), their logits, the row each

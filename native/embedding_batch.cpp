@@ -1,5 +1,6 @@
 #include "embedding_batch.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace pymoi {
@@ -31,6 +32,28 @@ float * EmbeddingBatch::add(llama_pos pos, llama_seq_id seq, bool logits) {
     seq_[static_cast<size_t>(i)]      = seq;
     logits_[static_cast<size_t>(i)]   = logits ? 1 : 0;
     return row(i);
+}
+
+int32_t EmbeddingBatch::insert_in_order(int32_t count, llama_pos first_pos, llama_seq_id seq, bool last_logits) {
+    int32_t at = n_rows_;
+    while (at > 0 && seq_[static_cast<size_t>(at - 1)] > seq) --at;
+    const size_t from = static_cast<size_t>(at);
+    const size_t to   = static_cast<size_t>(at + count);
+    const size_t tail = static_cast<size_t>(n_rows_ - at);
+    if (tail > 0) {
+        std::memmove(row(at + count), row(at), sizeof(float) * tail * static_cast<size_t>(n_embd_));
+        std::copy_backward(text_pos_.begin() + from, text_pos_.begin() + from + tail, text_pos_.begin() + to + tail);
+        std::copy_backward(seq_.begin() + from, seq_.begin() + from + tail, seq_.begin() + to + tail);
+        std::copy_backward(logits_.begin() + from, logits_.begin() + from + tail, logits_.begin() + to + tail);
+    }
+    for (int32_t i = 0; i < count; ++i) {
+        const size_t r = from + static_cast<size_t>(i);
+        text_pos_[r]   = first_pos + i;
+        seq_[r]        = seq;
+        logits_[r]     = last_logits && i == count - 1 ? 1 : 0;
+    }
+    n_rows_ += count;
+    return at;
 }
 
 void EmbeddingBatch::remove_sequence(llama_seq_id seq) {

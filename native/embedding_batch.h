@@ -26,6 +26,15 @@ class EmbeddingBatch {
     // logits; returns its n_embd floats for the caller to fill.
     float * add(llama_pos pos, llama_seq_id seq, bool logits = true);
 
+    // Inserts `count` rows of sequence `seq` at text positions first_pos.. after
+    // the rows of sequences up to `seq` and before those of higher ones (the last
+    // new row with logits if last_logits); returns the index of the first new row,
+    // the others following it. A batch built only this way stays in sequence
+    // order, which llama.cpp needs to decode one row of every sequence in one
+    // micro-batch: with a KV stream per sequence it takes sequences in ascending
+    // order and starts another micro-batch at the first one out of order.
+    int32_t insert_in_order(int32_t count, llama_pos first_pos, llama_seq_id seq, bool last_logits);
+
     // Moves row i to text position `pos`.
     void set_position(int32_t i, llama_pos pos) { text_pos_[static_cast<size_t>(i)] = pos; }
 

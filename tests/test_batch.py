@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
+import pathlib
+import re
+import subprocess
+import sys
 import threading
 
 import llama_cpp
@@ -228,3 +233,45 @@ def test_an_engine_without_a_thread_steps_on_the_thread_that_runs_it(batched: py
             views[0].generate(prompts[0], temp=0.0)
     finally:
         engine.close()
+
+
+JOIN_IN_THE_MIDDLE = """
+import ctypes, sys
+from pymoi_cpp import Llama
+from pymoi_cpp.batch import NativeBatch
+
+llm = Llama(sys.argv[1], n_ctx=1024, n_seq_max=4, n_threads=2, verbose=True)
+batch = NativeBatch(llm._require_session(), ctypes.cast(llm._ctx.ctx, ctypes.c_void_p), 4, llm.n_vocab())
+samplers = []
+
+def add(seq, text):
+    samplers.append(llm._init_sampler(temp=0.0))
+    batch.add(seq, samplers[-1], 1.0, 20, llm.tokenize(text))
+
+for seq in (0, 2, 3):
+    add(seq, b"Hello there, how are you")
+for _ in range(3):
+    batch.step()
+add(1, b"A prompt that joins sequence 1 while 0, 2 and 3 generate")
+print("JOIN STEP", file=sys.stderr, flush=True)
+tokens = batch.step()
+print("JOIN STEP END", file=sys.stderr, flush=True)
+assert all(token >= 0 for token in tokens), tokens
+batch.close()
+llm.close()
+"""
+
+
+def test_a_joining_prompt_leaves_the_others_in_one_micro_batch(smollm2_path: str, tmp_path: pathlib.Path) -> None:
+    """A prompt that joins sequence 1 while 0, 2 and 3 generate: llama.cpp (its LLAMA_BATCH_DEBUG report)
+    decodes one row of every sequence in one micro-batch, then the rest of the prompt, not the generating
+    sequences in two micro-batches split around the newcomer (llama.cpp takes sequences in ascending order)."""
+    run = subprocess.run(
+        [sys.executable, "-c", JOIN_IN_THE_MIDDLE, smollm2_path],
+        env={**os.environ, "LLAMA_BATCH_DEBUG": "1"}, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    step = run.stderr.split("JOIN STEP\n", 1)[1].split("JOIN STEP END", 1)[0]
+    reported = [[int(seq) for seq in found.split()] for found in re.findall(r"seq_id_unq = \[([\d ]*)\]", step)]
+    # The first report is the whole batch's, the others one per micro-batch.
+    assert reported == [[0, 1, 2, 3], [0, 1, 2, 3], [1]]
