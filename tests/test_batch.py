@@ -262,12 +262,16 @@ llm.close()
 """
 
 
-def test_a_joining_prompt_leaves_the_others_in_one_micro_batch(smollm2_path: str, tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("model", ["smollm2_path", "gemma3_path"])
+def test_a_joining_prompt_leaves_the_others_in_one_micro_batch(
+    model: str, request: pytest.FixtureRequest, tmp_path: pathlib.Path
+) -> None:
     """A prompt that joins sequence 1 while 0, 2 and 3 generate: llama.cpp (its LLAMA_BATCH_DEBUG report)
     decodes one row of every sequence in one micro-batch, then the rest of the prompt, not the generating
-    sequences in two micro-batches split around the newcomer (llama.cpp takes sequences in ascending order)."""
+    sequences in two micro-batches split around the newcomer (llama.cpp takes sequences in ascending order;
+    Gemma 3's sliding-window cache splits as the full-attention one does)."""
     run = subprocess.run(
-        [sys.executable, "-c", JOIN_IN_THE_MIDDLE, smollm2_path],
+        [sys.executable, "-c", JOIN_IN_THE_MIDDLE, request.getfixturevalue(model)],
         env={**os.environ, "LLAMA_BATCH_DEBUG": "1"}, cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 0, run.stderr[-3000:]
