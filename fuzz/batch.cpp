@@ -10,6 +10,7 @@
 // pymoi_batch_add / _open / _finish / _logits must refuse exactly the
 // arguments pymoi.h documents as invalid, and a step's tokens must be -1 or in
 // the vocabulary.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -101,9 +102,11 @@ void run_op(Run & run, fuzz::Reader & in) {
         }
         case 2: {  // finish: seq, n_keep
             const int8_t       n_keep = in.take<int8_t>();
-            const pymoi_status status = pymoi_batch_finish(run.batch, seq, n_keep);
+            int32_t            kept   = -1;
+            const pymoi_status status = pymoi_batch_finish(run.batch, seq, n_keep, &kept);
             if (seq >= 0 && seq < run.n_seq) {
                 fuzz::require(status == PYMOI_OK, "pymoi_batch_finish refused a sequence of the batch");
+                fuzz::require(kept >= 0 && kept <= std::max<int32_t>(0, n_keep), "finish kept outside [0, n_keep]");
                 run.in_use[seq] = false;
             } else {
                 fuzz::require(status == PYMOI_ERR_INVALID_ARGUMENT, "pymoi_batch_finish accepted a foreign sequence");
@@ -187,7 +190,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
     pymoi_session_begin(g_session, 1.0f, 1);  // drops a mixture left by the previous input
     Run          run;
     run.n_seq = in.take<int8_t>();
-    const pymoi_status status = pymoi_batch_open(g_session, g_ctx, run.n_seq, &run.batch);
+    const pymoi_status status = pymoi_batch_open(g_session, g_ctx, run.n_seq, /*checkpoint_prompts=*/true, &run.batch);
     if (run.n_seq < 1 || run.n_seq > kSeqMax) {
         fuzz::require(status == PYMOI_ERR_INVALID_ARGUMENT, "pymoi_batch_open accepted a bad n_seq");
         fuzz::require_clean_failure(status, "pymoi_batch_open");

@@ -12,6 +12,7 @@
 #include "mixer.h"
 #include "mixture_input.h"
 #include "pymoi.h"
+#include "seq_checkpoint.h"
 
 struct pymoi_embedding_rows {
     std::unique_ptr<pymoi::EmbeddingRows> rows;
@@ -24,6 +25,10 @@ struct pymoi_session {
 
 struct pymoi_batch {
     std::unique_ptr<pymoi::BatchStep> step;
+};
+
+struct pymoi_checkpoint {
+    pymoi::SeqCheckpoint checkpoint;
 };
 
 namespace {
@@ -210,7 +215,8 @@ pymoi_status pymoi_session_open(llama_model * model, llama_context * ctx, const 
         }
         int         status = PYMOI_OK;
         std::string error;
-        auto        input = pymoi::MixtureInput::open(model, model_path, &status, &error);
+        const pymoi::ProbeThreads threads { llama_n_threads(ctx), llama_n_threads_batch(ctx) };
+        auto input = pymoi::MixtureInput::open(model, model_path, threads, &status, &error);
         if (!input) return to_status(status, error);
         auto step    = std::make_unique<pymoi::DecodeStep>(*input, ctx);
         *out_session = new pymoi_session { std::move(input), std::move(step) };
@@ -275,14 +281,15 @@ bool pymoi_session_has_pending(const pymoi_session * session) {
     return session != nullptr && session->step->has_pending();
 }
 
-pymoi_status pymoi_batch_open(pymoi_session * session, llama_context * ctx, int32_t n_seq, pymoi_batch ** out_batch) {
+pymoi_status pymoi_batch_open(pymoi_session * session, llama_context * ctx, int32_t n_seq, bool checkpoint_prompts,
+                              pymoi_batch ** out_batch) {
     return guarded([&] {
         if (session == nullptr || ctx == nullptr || out_batch == nullptr) {
             return fail(PYMOI_ERR_INVALID_ARGUMENT, "session, ctx and out_batch must not be null");
         }
         int         status = PYMOI_OK;
         std::string error;
-        auto        step = pymoi::BatchStep::open(*session->input, ctx, n_seq, &status, &error);
+        auto        step = pymoi::BatchStep::open(*session->input, ctx, n_seq, checkpoint_prompts, &status, &error);
         if (!step) return to_status(status, error);
         *out_batch = new pymoi_batch { std::move(step) };
         return PYMOI_OK;
@@ -323,12 +330,71 @@ pymoi_status pymoi_batch_step(pymoi_batch * batch, llama_token * out_tokens) {
     });
 }
 
-pymoi_status pymoi_batch_finish(pymoi_batch * batch, int32_t seq, int32_t n_keep) {
+pymoi_status pymoi_batch_finish(pymoi_batch * batch, int32_t seq, int32_t n_keep, int32_t * out_n_kept) {
     return guarded([&] {
         if (batch == nullptr) return fail(PYMOI_ERR_INVALID_ARGUMENT, "batch must not be null");
         std::string error;
-        return to_status(batch->step->finish(seq, n_keep, &error), error);
+        int32_t n_kept = 0;
+        return to_status(batch->step->finish(seq, n_keep, out_n_kept ? out_n_kept : &n_kept, &error), error);
     });
+}
+
+pymoi_status pymoi_batch_checkpoint_bytes(const pymoi_batch * batch, uint64_t * out_bytes) {
+    if (batch == nullptr || out_bytes == nullptr) return fail(PYMOI_ERR_INVALID_ARGUMENT, "batch and out_bytes must not be null");
+    *out_bytes = batch->step->checkpoint_bytes();
+    return PYMOI_OK;
+}
+
+bool pymoi_memory_needs_checkpoint(const llama_model * model, bool swa_full) {
+    return model != nullptr && pymoi::memory_needs_checkpoint(model, swa_full);
+}
+
+pymoi_status pymoi_checkpoint_new(pymoi_checkpoint ** out_checkpoint) {
+    return guarded([&] {
+        if (out_checkpoint == nullptr) return fail(PYMOI_ERR_INVALID_ARGUMENT, "out_checkpoint must not be null");
+        *out_checkpoint = new pymoi_checkpoint {};
+        return PYMOI_OK;
+    });
+}
+
+void pymoi_checkpoint_free(pymoi_checkpoint * checkpoint) {
+    delete checkpoint;
+}
+
+pymoi_status pymoi_checkpoint_save(pymoi_checkpoint * checkpoint, llama_context * ctx, int32_t seq) {
+    return guarded([&] {
+        if (checkpoint == nullptr || ctx == nullptr) return fail(PYMOI_ERR_INVALID_ARGUMENT, "checkpoint and ctx must not be null");
+        if (seq < 0 || static_cast<uint32_t>(seq) >= llama_n_seq_max(ctx)) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "sequence " + std::to_string(seq) + " is not in the context");
+        }
+        try {
+            if (checkpoint->checkpoint.save(ctx, seq)) return PYMOI_OK;
+        } catch (...) {
+            checkpoint->checkpoint.clear();
+            throw;
+        }
+        return fail(PYMOI_ERR_INTERNAL, "llama.cpp saved no state for sequence " + std::to_string(seq));
+    });
+}
+
+pymoi_status pymoi_checkpoint_restore(const pymoi_checkpoint * checkpoint, llama_context * ctx, int32_t seq) {
+    return guarded([&] {
+        if (checkpoint == nullptr || ctx == nullptr) return fail(PYMOI_ERR_INVALID_ARGUMENT, "checkpoint and ctx must not be null");
+        if (seq < 0 || static_cast<uint32_t>(seq) >= llama_n_seq_max(ctx)) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "sequence " + std::to_string(seq) + " is not in the context");
+        }
+        if (checkpoint->checkpoint.restore(ctx, seq)) return PYMOI_OK;
+        return fail(PYMOI_ERR_INTERNAL, checkpoint->checkpoint.pos() < 0
+                                            ? std::string("no checkpoint is saved")
+                                            : "llama.cpp did not restore the checkpoint of sequence " + std::to_string(seq));
+    });
+}
+
+pymoi_status pymoi_checkpoint_info_get(const pymoi_checkpoint * checkpoint, pymoi_checkpoint_info * out_info) {
+    if (checkpoint == nullptr || out_info == nullptr) return fail(PYMOI_ERR_INVALID_ARGUMENT, "checkpoint and out_info must not be null");
+    out_info->pos   = checkpoint->checkpoint.pos();
+    out_info->bytes = checkpoint->checkpoint.pos() < 0 ? 0 : checkpoint->checkpoint.size();
+    return PYMOI_OK;
 }
 
 pymoi_status pymoi_batch_logits(const pymoi_batch * batch, int32_t seq, const float ** out_logits) {

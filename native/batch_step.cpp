@@ -1,13 +1,14 @@
 #include "batch_step.h"
 
 #include <algorithm>
+#include <new>
 
 #include "pymoi.h"
 
 namespace pymoi {
 
-std::unique_ptr<BatchStep> BatchStep::open(MixtureInput & input, llama_context * ctx, int32_t n_seq, int * status,
-                                           std::string * error) {
+std::unique_ptr<BatchStep> BatchStep::open(MixtureInput & input, llama_context * ctx, int32_t n_seq,
+                                           bool checkpoint_prompts, int * status, std::string * error) {
     const uint32_t n_seq_max = llama_n_seq_max(ctx);
     const uint32_t n_batch   = llama_n_batch(ctx);
     if (n_seq < 1 || static_cast<uint32_t>(n_seq) > n_seq_max || static_cast<uint32_t>(n_seq) > n_batch) {
@@ -17,10 +18,10 @@ std::unique_ptr<BatchStep> BatchStep::open(MixtureInput & input, llama_context *
         return nullptr;
     }
     const int n_workers = std::max(1, std::min<int>(llama_n_threads(ctx), n_seq));
-    return std::unique_ptr<BatchStep>(new BatchStep(input, ctx, n_seq, n_workers));
+    return std::unique_ptr<BatchStep>(new BatchStep(input, ctx, n_seq, checkpoint_prompts, n_workers));
 }
 
-BatchStep::BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq, int n_workers) :
+BatchStep::BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq, bool checkpoint_prompts, int n_workers) :
     input_(input),
     ctx_(ctx),
     n_seq_(n_seq),
@@ -34,6 +35,10 @@ BatchStep::BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq, i
     prompts_(static_cast<size_t>(n_seq)),
     prompt_read_(static_cast<size_t>(n_seq), 0),
     logits_row_(static_cast<size_t>(n_seq), -1),
+    checkpoint_prompts_(checkpoint_prompts),
+    recurrent_state_(llama_model_is_recurrent(llama_get_model(ctx)) || llama_model_is_hybrid(llama_get_model(ctx))),
+    checkpoints_(checkpoint_prompts ? static_cast<size_t>(n_seq) : 0),
+    checkpoint_due_(checkpoint_prompts ? static_cast<size_t>(n_seq) : 0, 0),
     rows_(static_cast<int32_t>(llama_n_batch(ctx)), input.n_embd(), input.n_pos_per_row()),
     live_(static_cast<size_t>(n_seq), -1),
     live_logits_(static_cast<size_t>(n_seq), nullptr),
@@ -91,13 +96,25 @@ int BatchStep::add(int32_t seq, llama_sampler * sampler, float beta, int32_t top
     }
     llama_memory_t memory = llama_get_memory(ctx_);
     // A sliding window or a recurrent state may not hold the kept prefix as a whole.
-    const bool kept = n_keep > 0 && llama_memory_seq_rm(memory, seq, n_keep, -1) &&
-                      llama_memory_seq_pos_min(memory, seq) == 0 && llama_memory_seq_pos_max(memory, seq) == n_keep - 1;
+    bool kept = n_keep > 0 && llama_memory_seq_rm(memory, seq, n_keep, -1) &&
+                (recurrent_state_ || llama_memory_seq_pos_min(memory, seq) == 0) &&
+                llama_memory_seq_pos_max(memory, seq) == n_keep - 1;
+    if (!kept && checkpoint_prompts_ && checkpoints_[s].pos() >= 0 && checkpoints_[s].pos() < n_keep &&
+        checkpoints_[s].restore(ctx_, seq)) {
+        // The memory went on past the kept prefix (a settled reply the prompt does not repeat).
+        n_keep = checkpoints_[s].pos() + 1;
+        kept   = true;
+    }
     if (!kept) {
         n_keep = 0;
         llama_memory_seq_rm(memory, seq, -1, -1);
     }
     *n_kept = n_keep;
+    // A checkpoint inside the kept prefix still holds that prefix's state; a later one may not.
+    if (checkpoint_prompts_) {
+        if (checkpoints_[s].pos() >= n_keep) checkpoints_[s].clear();
+        checkpoint_due_[s] = 0;
+    }
     prompts_[s].assign(tokens, tokens + n_tokens);
     prompt_read_[s] = n_keep;
     n_past_[s]      = n_keep;
@@ -149,6 +166,9 @@ int BatchStep::decode(std::string * error) {
 }
 
 int BatchStep::step(llama_token * tokens, std::string * error) {
+    for (int32_t seq = 0; checkpoint_prompts_ && seq < n_seq_; ++seq) {
+        if (checkpoint_due_[static_cast<size_t>(seq)]) save_checkpoint(static_cast<size_t>(seq));
+    }
     add_prompt_rows();
     std::fill(tokens, tokens + n_seq_, -1);
     n_live_ = 0;
@@ -163,6 +183,9 @@ int BatchStep::step(llama_token * tokens, std::string * error) {
         if (state_[s] == State::reading) {
             state_[s] = State::generating;
             reading_order_.erase(std::find(reading_order_.begin(), reading_order_.end(), seq));
+            // Saved before its first mixture is decoded, in the next step: a sequence finished
+            // before then (a reply settled into it) keeps the checkpoint it had.
+            if (checkpoint_prompts_) checkpoint_due_[s] = 1;
         }
         // Read here, on one thread: llama_get_logits_ith synchronises the context.
         live_logits_[static_cast<size_t>(n_live_)] = llama_get_logits_ith(ctx_, row);
@@ -193,6 +216,17 @@ int BatchStep::step(llama_token * tokens, std::string * error) {
         tokens[live_[static_cast<size_t>(j)]] = live_tokens_[static_cast<size_t>(j)];
     }
     return PYMOI_OK;
+}
+
+void BatchStep::save_checkpoint(size_t s) {
+    // A sequence that has no checkpoint (llama.cpp saved nothing, or memory ran out) is
+    // cleared when it finishes, as without checkpoints.
+    checkpoint_due_[s] = 0;
+    try {
+        checkpoints_[s].save(ctx_, static_cast<llama_seq_id>(s));
+    } catch (const std::bad_alloc &) {
+        checkpoints_[s].clear();
+    }
 }
 
 void BatchStep::sample_share(void * self, int worker) {
@@ -249,7 +283,7 @@ int BatchStep::share_top_k(int32_t seq, int32_t chain_top_k, std::string * error
     return PYMOI_OK;
 }
 
-int BatchStep::finish(int32_t seq, int32_t n_keep, std::string * error) {
+int BatchStep::finish(int32_t seq, int32_t n_keep, int32_t * n_kept, std::string * error) {
     const int status = check_sequence(seq, error);
     if (status != PYMOI_OK) return status;
     const size_t s = static_cast<size_t>(seq);
@@ -262,8 +296,26 @@ int BatchStep::finish(int32_t seq, int32_t n_keep, std::string * error) {
     logits_row_[s] = -1;
     rows_.remove_sequence(seq);
     llama_memory_t memory = llama_get_memory(ctx_);
-    if (n_keep == 0 || !llama_memory_seq_rm(memory, seq, n_keep, -1)) llama_memory_seq_rm(memory, seq, -1, -1);
+    if (n_keep > 0 && llama_memory_seq_rm(memory, seq, n_keep, -1)) {
+        *n_kept = n_keep;
+    } else if (checkpoint_prompts_ && checkpoints_[s].pos() >= 0 && checkpoints_[s].pos() < n_keep &&
+               checkpoints_[s].restore(ctx_, seq)) {
+        *n_kept = checkpoints_[s].pos() + 1;
+    } else {
+        *n_kept = 0;
+        llama_memory_seq_rm(memory, seq, -1, -1);
+    }
+    if (checkpoint_prompts_) {
+        checkpoint_due_[s] = 0;
+        if (*n_kept == 0) checkpoints_[s].clear();
+    }
     return PYMOI_OK;
+}
+
+uint64_t BatchStep::checkpoint_bytes() const {
+    uint64_t bytes = 0;
+    for (const SeqCheckpoint & checkpoint : checkpoints_) bytes += checkpoint.pos() < 0 ? 0 : checkpoint.size();
+    return bytes;
 }
 
 int BatchStep::logits(int32_t seq, const float ** out, std::string * error) const {

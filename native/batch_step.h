@@ -12,16 +12,19 @@
 #include "embedding_batch.h"
 #include "llama.h"
 #include "mixture_input.h"
+#include "seq_checkpoint.h"
 #include "worker_pool.h"
 
 namespace pymoi {
 
 class BatchStep {
   public:
-    // `input` and `ctx` are borrowed and must outlive the batch. Returns nullptr
-    // with `status` / `error` set when the context cannot hold n_seq sequences.
-    static std::unique_ptr<BatchStep> open(MixtureInput & input, llama_context * ctx, int32_t n_seq, int * status,
-                                           std::string * error);
+    // `input` and `ctx` are borrowed and must outlive the batch. With
+    // checkpoint_prompts each sequence saves a checkpoint once its prompt is read
+    // (see memory_needs_checkpoint). Returns nullptr with `status` / `error` set
+    // when the context cannot hold n_seq sequences.
+    static std::unique_ptr<BatchStep> open(MixtureInput & input, llama_context * ctx, int32_t n_seq,
+                                           bool checkpoint_prompts, int * status, std::string * error);
     BatchStep(const BatchStep &)             = delete;
     BatchStep & operator=(const BatchStep &) = delete;
 
@@ -30,8 +33,9 @@ class BatchStep {
     // Starts sequence `seq` (which must be free) on a prompt of n_tokens >= 1
     // tokens, of which the first n_keep (< n_tokens) are those its KV cells hold
     // from before: they are kept if the memory holds exactly positions 0..n_keep-1
-    // after the rest is dropped, otherwise the cells are cleared. The following
-    // steps read the rest of the prompt; *n_kept says how many were kept.
+    // after the rest is dropped; otherwise the sequence's checkpoint within them is
+    // restored, or the cells are cleared. The following steps read the rest of the
+    // prompt; *n_kept says how many were kept.
     // `sampler` is borrowed until finish(seq); beta and top_k are the sequence's.
     int add(int32_t seq, llama_sampler * sampler, float beta, int32_t top_k, const llama_token * tokens,
             int32_t n_tokens, int32_t n_keep, int32_t * n_kept, std::string * error);
@@ -43,9 +47,13 @@ class BatchStep {
     // context is full gets its last token and no further input.
     int step(llama_token * tokens, std::string * error);
     // Ends sequence `seq`: its pending input is dropped, its KV cells past the
-    // first n_keep prompt positions freed (all where the memory cannot drop a
-    // tail), and its sampler released.
-    int finish(int32_t seq, int32_t n_keep, std::string * error);
+    // first n_keep prompt positions freed, and its sampler released. Where the
+    // memory cannot drop that tail, its latest checkpoint within those n_keep
+    // positions is restored; without one every cell is freed. *n_kept says how
+    // many prompt positions the sequence still holds.
+    int finish(int32_t seq, int32_t n_keep, int32_t * n_kept, std::string * error);
+    // Bytes the prompt checkpoints hold.
+    uint64_t checkpoint_bytes() const;
     // See MixtureInput::sample(); 0 after add().
     int share_top_k(int32_t seq, int32_t chain_top_k, std::string * error);
     // The raw logits (n_vocab floats) that the latest step sampled sequence `seq`
@@ -55,10 +63,11 @@ class BatchStep {
   private:
     enum class State { free, reading, generating, full };
 
-    BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq, int n_workers);
+    BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq, bool checkpoint_prompts, int n_workers);
     int  check_sequence(int32_t seq, std::string * error) const;
     void add_prompt_rows();
     int  decode(std::string * error);
+    void save_checkpoint(size_t s);
     // Samples and mixes the live sequences live_[j] with j = worker, worker + n_workers, ...
     static void sample_share(void * self, int worker);
     void        sample(int32_t j, int worker);
@@ -79,6 +88,12 @@ class BatchStep {
     std::vector<int32_t>                  prompt_read_;  // prompt tokens already decoded
     std::vector<int32_t>                  logits_row_;   // row of its logits in the latest decode, or -1
     std::vector<int32_t>                  reading_order_;  // sequences reading their prompts, oldest first
+    // Per sequence, its state at the end of its prompt (when checkpoint_prompts).
+    bool                       checkpoint_prompts_;
+    // A recurrent state reports its one position as its first (llama_memory_seq_pos_min).
+    bool                       recurrent_state_;
+    std::vector<SeqCheckpoint> checkpoints_;
+    std::vector<uint8_t>       checkpoint_due_;  // the prompt was read: save before the first mixture is decoded
     // Rows of the next decode, in sequence order: one mixture per generating
     // sequence, the next chunk of each prompt being read.
     EmbeddingBatch rows_;

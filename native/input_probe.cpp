@@ -9,7 +9,6 @@
 #include <limits>
 #include <map>
 #include <mutex>
-#include <thread>
 #include <vector>
 
 #include "embedding_batch.h"
@@ -77,7 +76,7 @@ float max_difference(const std::vector<float> & a, const std::vector<float> & b,
     return diff;
 }
 
-ProbeVerdict run_probe(const llama_model * model, const MixtureInput & input) {
+ProbeVerdict run_probe(const llama_model * model, const MixtureInput & input, ProbeThreads threads) {
     ProbeVerdict verdict;
     verdict.exact = !llama_supports_gpu_offload();
 
@@ -86,8 +85,8 @@ ProbeVerdict run_probe(const llama_model * model, const MixtureInput & input) {
     params.n_batch              = kProbeTokens;
     params.n_ubatch             = kProbeTokens;
     params.n_seq_max            = 1;
-    params.n_threads            = static_cast<int32_t>(std::min(4u, std::max(1u, std::thread::hardware_concurrency())));
-    params.n_threads_batch      = params.n_threads;
+    params.n_threads            = std::max(1, threads.n_threads);
+    params.n_threads_batch      = std::max(1, threads.n_threads_batch);
     params.no_perf              = true;
     ContextGuard guard { llama_init_from_model(const_cast<llama_model *>(model), params) };
     if (guard.ctx == nullptr) {
@@ -149,7 +148,8 @@ ProbeVerdict run_probe(const llama_model * model, const MixtureInput & input) {
 
 }  // namespace
 
-ProbeVerdict probe_input(const llama_model * model, const std::string & model_path, const MixtureInput & input) {
+ProbeVerdict probe_input(const llama_model * model, const std::string & model_path, const MixtureInput & input,
+                         ProbeThreads threads) {
     const std::string key = file_key(model_path);
     {
         std::lock_guard<std::mutex> lock(g_cache_mutex);
@@ -161,7 +161,7 @@ ProbeVerdict probe_input(const llama_model * model, const std::string & model_pa
         }
     }
     const auto   start   = std::chrono::steady_clock::now();
-    ProbeVerdict verdict = run_probe(model, input);
+    ProbeVerdict verdict = run_probe(model, input, threads);
     verdict.seconds      = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::lock_guard<std::mutex> lock(g_cache_mutex);
     g_cache[key] = verdict;

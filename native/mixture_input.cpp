@@ -21,7 +21,7 @@ std::string model_architecture(const llama_model * model) {
 }  // namespace
 
 std::unique_ptr<MixtureInput> MixtureInput::open(const llama_model * model, const std::string & model_path,
-                                                 int * status, std::string * error) {
+                                                 ProbeThreads threads, int * status, std::string * error) {
     const std::string arch = model_architecture(model);
     if (const char * reason = denial_reason(arch)) {
         *status = PYMOI_ERR_UNSUPPORTED;
@@ -52,7 +52,7 @@ std::unique_ptr<MixtureInput> MixtureInput::open(const llama_model * model, cons
     input->n_vocab_       = n_vocab;
     input->n_embd_        = n_embd_inp;
     input->n_pos_per_row_ = positions_per_row(model);
-    input->verdict_       = probe_input(model, model_path, *input);
+    input->verdict_       = probe_input(model, model_path, *input, threads);
     if (!input->verdict_.supported) {
         *status = PYMOI_ERR_UNSUPPORTED;
         *error  = "architecture '" + arch + "' cannot take a mixture of inputs: " + input->verdict_.reason;

@@ -54,11 +54,11 @@ struct MixtureScratch {
 class MixtureInput {
   public:
     // Opens the token-embedding rows of `model` (loaded from `model_path`) and
-    // runs the input probe. Returns nullptr with `status` / `error` set when the
-    // model cannot take a mixture: an architecture on the deny list, an
-    // encoder-decoder model, or a probe that found different logits.
-    static std::unique_ptr<MixtureInput> open(const llama_model * model, const std::string & model_path, int * status,
-                                              std::string * error);
+    // runs the input probe on `threads`. Returns nullptr with `status` / `error`
+    // set when the model cannot take a mixture: an architecture on the deny list,
+    // an encoder-decoder model, or a probe that found different logits.
+    static std::unique_ptr<MixtureInput> open(const llama_model * model, const std::string & model_path,
+                                              ProbeThreads threads, int * status, std::string * error);
 
     int32_t n_vocab() const { return n_vocab_; }
     // Width of an input row (llama_model_n_embd_inp): token rows are zero-padded to it.

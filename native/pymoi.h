@@ -124,6 +124,36 @@ PYMOI_API pymoi_status pymoi_host_time_measure(
 // path only, so a mixture of inputs would silently leave it out.
 PYMOI_API pymoi_status pymoi_lora_changes_token_embeddings(const char * lora_path, bool * out_changes);
 
+// Checkpoints of one sequence (see llama-server's context checkpoints): the
+// part of its memory that llama_memory_seq_rm cannot roll back, saved with
+// llama_state_seq_get_data_ext(LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY), so that the
+// positions generated after the prompt, fed mixtures, can be dropped while the
+// prompt stays cached.
+
+// True when a context of `model` needs a checkpoint to drop the tail of a
+// sequence: recurrent and hybrid models, and a sliding-window cache that does
+// not hold every position (swa_full false).
+PYMOI_API bool pymoi_memory_needs_checkpoint(const struct llama_model * model, bool swa_full);
+
+typedef struct pymoi_checkpoint pymoi_checkpoint;
+
+typedef struct pymoi_checkpoint_info {
+    int32_t  pos;    // the last position the checkpoint holds, -1 when none is saved
+    uint64_t bytes;  // size of the saved state
+} pymoi_checkpoint_info;
+
+PYMOI_API pymoi_status pymoi_checkpoint_new(pymoi_checkpoint ** out_checkpoint);
+PYMOI_API void         pymoi_checkpoint_free(pymoi_checkpoint * checkpoint);
+// Saves sequence `seq` of `ctx` through its last position (replacing the
+// previous checkpoint; its buffer is reused). PYMOI_ERR_INTERNAL when llama.cpp
+// saves nothing or memory runs out; the checkpoint is then empty.
+PYMOI_API pymoi_status pymoi_checkpoint_save(pymoi_checkpoint * checkpoint, struct llama_context * ctx, int32_t seq);
+// Restores the checkpoint into sequence `seq` and drops every later position
+// from the rest of its memory, so that the sequence ends at the checkpoint's
+// position. On failure (PYMOI_ERR_INTERNAL) the sequence is cleared.
+PYMOI_API pymoi_status pymoi_checkpoint_restore(const pymoi_checkpoint * checkpoint, struct llama_context * ctx, int32_t seq);
+PYMOI_API pymoi_status pymoi_checkpoint_info_get(const pymoi_checkpoint * checkpoint, pymoi_checkpoint_info * out_info);
+
 // The per-token MoI step on a llama_context owned by the caller.
 typedef struct pymoi_session pymoi_session;
 
@@ -191,8 +221,12 @@ PYMOI_API bool pymoi_session_has_pending(const pymoi_session * session);
 // embedding rows: free it before the session. One thread at a time per batch.
 typedef struct pymoi_batch pymoi_batch;
 
+// With checkpoint_prompts (see pymoi_memory_needs_checkpoint) a sequence whose
+// prompt has been read saves a checkpoint before its first mixture is decoded
+// (one per sequence, replacing the previous one); pymoi_batch_finish and
+// pymoi_batch_add restore it to keep the prompt.
 PYMOI_API pymoi_status pymoi_batch_open(
-        pymoi_session * session, struct llama_context * ctx, int32_t n_seq, pymoi_batch ** out_batch);
+        pymoi_session * session, struct llama_context * ctx, int32_t n_seq, bool checkpoint_prompts, pymoi_batch ** out_batch);
 PYMOI_API void pymoi_batch_free(pymoi_batch * batch);
 
 // Starts sequence `seq` (free: never added, or finished) on a prompt of
@@ -222,10 +256,16 @@ PYMOI_API pymoi_status pymoi_batch_share_top_k(pymoi_batch * batch, int32_t seq,
 PYMOI_API pymoi_status pymoi_batch_step(pymoi_batch * batch, llama_token * out_tokens);
 
 // Ends sequence `seq`: drops its pending input, frees its KV cells past the
-// first n_keep prompt positions (all of them where the memory cannot drop a
-// tail; positions fed mixtures are never kept) and releases its sampler; the
-// sequence is free for pymoi_batch_add.
-PYMOI_API pymoi_status pymoi_batch_finish(pymoi_batch * batch, int32_t seq, int32_t n_keep);
+// first n_keep prompt positions and releases its sampler; the sequence is free
+// for pymoi_batch_add. Positions fed mixtures are never kept. Where the memory
+// cannot drop that tail (recurrent, hybrid), the sequence's latest checkpoint
+// within the n_keep positions is restored (see checkpoint_prompts), and
+// everything is freed without one. *out_n_kept (may be null) says how many
+// prompt positions the sequence holds afterwards.
+PYMOI_API pymoi_status pymoi_batch_finish(pymoi_batch * batch, int32_t seq, int32_t n_keep, int32_t * out_n_kept);
+
+// Bytes the batch's prompt checkpoints hold (0 without checkpoint_prompts).
+PYMOI_API pymoi_status pymoi_batch_checkpoint_bytes(const pymoi_batch * batch, uint64_t * out_bytes);
 
 // The raw logits (n_vocab floats, owned by the context) that the latest step
 // sampled sequence `seq`'s token from; valid until the next step.

@@ -55,6 +55,13 @@ class host_time(ctypes.Structure):
     ]
 
 
+class checkpoint_info(ctypes.Structure):
+    _fields_ = [
+        ("pos", ctypes.c_int32),
+        ("bytes", ctypes.c_uint64),
+    ]
+
+
 def _library_path() -> pathlib.Path:
     names = {"win32": "pymoi.dll", "darwin": "libpymoi.dylib"}
     return pathlib.Path(__file__).with_name(names.get(sys.platform, "libpymoi.so"))
@@ -110,7 +117,16 @@ def _load() -> ctypes.CDLL:
         ),
         "pymoi_session_flush": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_int),
         "pymoi_session_has_pending": ([ctypes.c_void_p], ctypes.c_bool),
-        "pymoi_batch_open": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_void_p)], ctypes.c_int),
+        "pymoi_batch_open": (
+            [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_bool, ctypes.POINTER(ctypes.c_void_p)], ctypes.c_int
+        ),
+        "pymoi_batch_checkpoint_bytes": ([ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64)], ctypes.c_int),
+        "pymoi_memory_needs_checkpoint": ([ctypes.c_void_p, ctypes.c_bool], ctypes.c_bool),
+        "pymoi_checkpoint_new": ([ctypes.POINTER(ctypes.c_void_p)], ctypes.c_int),
+        "pymoi_checkpoint_free": ([ctypes.c_void_p], None),
+        "pymoi_checkpoint_save": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32], ctypes.c_int),
+        "pymoi_checkpoint_restore": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32], ctypes.c_int),
+        "pymoi_checkpoint_info_get": ([ctypes.c_void_p, ctypes.POINTER(checkpoint_info)], ctypes.c_int),
         "pymoi_batch_free": ([ctypes.c_void_p], None),
         "pymoi_batch_add": (
             [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float, ctypes.c_int32, c_int32_p, ctypes.c_int32,
@@ -119,7 +135,7 @@ def _load() -> ctypes.CDLL:
         ),
         "pymoi_batch_share_top_k": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32], ctypes.c_int),
         "pymoi_batch_step": ([ctypes.c_void_p, c_int32_p], ctypes.c_int),
-        "pymoi_batch_finish": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32], ctypes.c_int),
+        "pymoi_batch_finish": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, c_int32_p], ctypes.c_int),
         "pymoi_batch_logits": ([ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(c_float_p)], ctypes.c_int),
     }
     for name, (argtypes, restype) in signatures.items():

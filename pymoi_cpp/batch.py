@@ -47,12 +47,14 @@ class NativeBatch:
     """A continuous batch on a model's context: sequences 0..n_seq-1 join with add() and leave
     with finish() between steps; see pymoi_batch_* in native/pymoi.h. One thread at a time."""
 
-    def __init__(self, session: ctypes.c_void_p, ctx: ctypes.c_void_p, n_seq: int, n_vocab: int) -> None:
+    def __init__(
+        self, session: ctypes.c_void_p, ctx: ctypes.c_void_p, n_seq: int, n_vocab: int, checkpoint_prompts: bool = False
+    ) -> None:
         self.n_seq = n_seq
         self.n_vocab = n_vocab
         self._tokens = (ctypes.c_int32 * n_seq)()
         handle = ctypes.c_void_p()
-        check(lib.pymoi_batch_open(session, ctx, n_seq, ctypes.byref(handle)))
+        check(lib.pymoi_batch_open(session, ctx, n_seq, checkpoint_prompts, ctypes.byref(handle)))
         self._handle: Optional[ctypes.c_void_p] = handle
 
     def add(
@@ -78,9 +80,18 @@ class NativeBatch:
         check(lib.pymoi_batch_step(self._handle, self._tokens))
         return list(self._tokens)
 
-    def finish(self, seq: int, n_keep: int = 0) -> None:
-        """Ends sequence `seq`, keeping the KV cells of its first n_keep prompt tokens for a later add()."""
-        check(lib.pymoi_batch_finish(self._handle, seq, n_keep))
+    def finish(self, seq: int, n_keep: int = 0) -> int:
+        """Ends sequence `seq`, keeping the KV cells of its first n_keep prompt tokens for a later add();
+        returns how many it kept (fewer where the memory could only go back to an earlier checkpoint)."""
+        kept = ctypes.c_int32(0)
+        check(lib.pymoi_batch_finish(self._handle, seq, n_keep, ctypes.byref(kept)))
+        return kept.value
+
+    def checkpoint_bytes(self) -> int:
+        """Bytes the prompt checkpoints of the sequences hold."""
+        value = ctypes.c_uint64(0)
+        check(lib.pymoi_batch_checkpoint_bytes(self._handle, ctypes.byref(value)))
+        return value.value
 
     def logits(self, seq: int) -> np.ndarray:
         """A copy of the raw logits that the latest step sampled sequence `seq` from."""

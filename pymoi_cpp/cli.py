@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests that may wait for a free sequence; more are answered 503 with Retry-After (default 16)",
     )
     serve.add_argument(
+        "--no-settle", dest="settle", action="store_false",
+        help="leave finished replies alone while idle (by default they are evaluated as tokens into their sequence, "
+        "so that a chat's next turn reads only its new message)",
+    )
+    serve.add_argument(
         "--max-body-mib", metavar="N", type=positive_int, default=16,
         help="largest request body in MiB; larger ones are answered 413 (default 16)",
     )
@@ -498,7 +503,9 @@ def run_serve(args: argparse.Namespace) -> int:
         llm = load_model(args, status)
         try:
             alias = args.alias or os.path.basename(llm.model_path).removesuffix(".gguf")
-            served = server.ServedModel(llm, alias, max_waiting=args.max_queue, engine_thread=False)
+            served = server.ServedModel(
+                llm, alias, max_waiting=args.max_queue, engine_thread=False, settle_replies=args.settle
+            )
             try:
                 host, port = sock.getsockname()[:2]
                 print(f"serving '{alias}' at http://{host if ':' not in host else f'[{host}]'}:{port}/v1 (Ctrl-C stops)", flush=True)

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional, Sequence
 import llama_cpp
 import numpy as np
 from llama_cpp import StoppingCriteriaList
+from llama_cpp._internals import LlamaSampler
 
 from .batch import NativeBatch
 from .llama import GenerationCounts, Llama, check_grammar
@@ -36,6 +37,10 @@ class EngineClosed(RuntimeError):
 
 
 _END = object()
+
+# Reply tokens settled in one idle step: a request that arrives meanwhile waits for at most one
+# decode of this many rows.
+_SETTLE_CHUNK = 32
 
 
 class Generation:
@@ -54,8 +59,10 @@ class Generation:
         stop_tokens: frozenset[int],
         keep_logits: bool = False,
         interrupt: Optional[threading.Event] = None,
+        settling: bool = False,
     ) -> None:
         self.prompt = list(prompt)
+        self.settling = settling  # the engine's own: a finished reply evaluated as tokens in idle time
         self.sampler = sampler  # a llama_cpp LlamaSampler, alive until the sequence is finished
         self.native_beta = math.inf if beta is None else beta
         self.top_k = top_k
@@ -109,6 +116,11 @@ class Engine:
     arrival order, and submit() raises EngineBusy beyond that. Nothing else may use the model's
     context while the engine runs.
 
+    A released slot keeps its prompt cached (its mixed positions dropped; on recurrent and hybrid
+    models through a checkpoint taken when the prompt was read). When nothing else runs, the engine
+    evaluates a finished reply as tokens into its slot (settle_replies), so that a chat's next turn
+    reads only its new message; real work that arrives ends such a step at once.
+
     Where llama.cpp runs on OpenMP (GNU libgomp), a parallel region started from any thread but the
     process's main one counts that thread's team on top of the main thread's; once the count exceeds
     the CPUs, every thread at every barrier of the graph sleeps instead of spinning, and a decode takes
@@ -116,17 +128,25 @@ class Engine:
     its CPUs therefore calls run() on the main thread.
     """
 
-    def __init__(self, llm: Llama, *, max_waiting: int = 16, own_thread: bool = True) -> None:
+    def __init__(
+        self, llm: Llama, *, max_waiting: int = 16, own_thread: bool = True, settle_replies: bool = True
+    ) -> None:
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, not {max_waiting}")
         self.llm = llm
         self.max_waiting = max_waiting
+        self.settle_replies = settle_replies
         llm._forget_context()
         session = llm._require_session()
-        self._batch = NativeBatch(session, ctypes.cast(llm._ctx.ctx, ctypes.c_void_p), llm.n_seq_max, llm.n_vocab())
+        self._batch = NativeBatch(
+            session, ctypes.cast(llm._ctx.ctx, ctypes.c_void_p), llm.n_seq_max, llm.n_vocab(),
+            checkpoint_prompts=llm.needs_prompt_checkpoints,
+        )
         self._slots: list[Optional[Generation]] = [None] * llm.n_seq_max
         # Per slot, the prompt tokens whose KV cells its last generation left (never positions fed a mixture).
         self._cached: list[list[int]] = [[] for _ in range(llm.n_seq_max)]
+        # Per slot, the reply that followed its cached prompt, not yet evaluated as tokens.
+        self._unsettled: list[list[int]] = [[] for _ in range(llm.n_seq_max)]
         self._waiting: collections.deque[Generation] = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -139,10 +159,17 @@ class Engine:
     def has_own_thread(self) -> bool:
         return self._thread is not None
 
-    def load(self) -> tuple[int, int]:
-        """(generations in progress, generations waiting)."""
+    def load(self) -> tuple[int, int, int]:
+        """(generations in progress, generations waiting, finished replies that idle time will settle into their slots)."""
         with self._wake:
-            return sum(slot is not None for slot in self._slots), len(self._waiting)
+            generating = sum(slot is not None and not slot.settling for slot in self._slots)
+            settling = sum(slot is not None and slot.settling for slot in self._slots)
+            unsettled = sum(bool(reply) for reply in self._unsettled) if self.settle_replies else 0
+            return generating, len(self._waiting), settling + unsettled
+
+    def checkpoint_bytes(self) -> int:
+        """Bytes the slots' prompt checkpoints hold (0 on a memory that needs none)."""
+        return self._batch.checkpoint_bytes()
 
     def submit(self, generation: Generation) -> None:
         """Queues a generation; EngineBusy when the queue is full, EngineClosed after close()."""
@@ -179,7 +206,7 @@ class Engine:
         try:
             while True:
                 with self._wake:
-                    while not self._closed and not self._waiting and all(slot is None for slot in self._slots):
+                    while not self._closed and not self._waiting and self._idle() and not self._settle_next():
                         self._wake.wait()
                     if self._closed:
                         break
@@ -196,10 +223,42 @@ class Engine:
             while self._waiting:
                 self._waiting.popleft()._end(ending)
 
+    def _idle(self) -> bool:
+        return all(slot is None for slot in self._slots)
+
+    def _settle_next(self) -> bool:
+        """Starts evaluating one finished reply into its slot when the engine is idle (under the lock);
+        True when it started one."""
+        if not self.settle_replies:
+            return False
+        for seq, reply in enumerate(self._unsettled):
+            if not reply:
+                continue
+            cached, self._unsettled[seq] = self._cached[seq], reply[_SETTLE_CHUNK:]
+            if len(cached) + len(reply) >= self.llm._context_limit:
+                self._unsettled[seq] = []
+                continue
+            sampler = LlamaSampler()
+            sampler.add_greedy()
+            settling = Generation(
+                cached + reply[:_SETTLE_CHUNK], sampler, beta=None, top_k=1, max_tokens=1, stop_tokens=frozenset(),
+                settling=True,
+            )
+            self._cached[seq] = []
+            try:
+                settling.cached_tokens = self._batch.add(seq, sampler, math.inf, 1, settling.prompt, len(cached))
+            except Exception:
+                self._unsettled[seq] = []
+                continue
+            self._slots[seq] = settling
+            return True
+        return False
+
     def _admit(self) -> None:
-        """Ends cancelled generations and moves waiting ones into free slots (under the lock)."""
+        """Ends cancelled generations, and settling ones when requests wait, and moves waiting ones
+        into free slots (under the lock)."""
         for seq, generation in enumerate(self._slots):
-            if generation is not None and generation.cancelled:
+            if generation is not None and (generation.cancelled or (generation.settling and self._waiting)):
                 self._release(seq)
         while self._waiting:
             free = [seq for seq, slot in enumerate(self._slots) if slot is None]
@@ -246,10 +305,22 @@ class Engine:
     def _release(self, seq: int, error: Optional[BaseException] = None) -> None:
         generation = self._slots[seq]
         self._slots[seq] = None
-        # Once it sampled a token its prompt was read whole: those cells serve a later prompt that starts alike.
-        kept = generation.prompt if generation is not None and generation.generated and error is None else []
-        self._batch.finish(seq, len(kept))
+        if generation is not None and generation.settling and not generation.generated:
+            # Interrupted by real work: back to the prompt it settled onto.
+            kept = generation.prompt[: generation.cached_tokens]
+        elif generation is not None and generation.generated and error is None:
+            # Its prompt was read whole: those cells serve a later prompt that starts alike.
+            kept = generation.prompt
+        else:
+            kept = []
+        kept = kept[: self._batch.finish(seq, len(kept))]
         self._cached[seq] = kept
+        if generation is None or not kept:
+            self._unsettled[seq] = []
+        elif generation.settling:
+            self._unsettled[seq] = generation.prompt[len(kept) :] + self._unsettled[seq]
+        else:
+            self._unsettled[seq] = generation.prompt[len(kept) :] + generation.generated
         if generation is not None:
             generation._end(error)
 

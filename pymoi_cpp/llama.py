@@ -8,6 +8,7 @@ import dataclasses
 import os
 import re
 import threading
+import warnings
 from typing import Any, Generator, Iterator, Optional, Sequence, Union
 
 import llama_cpp
@@ -15,7 +16,16 @@ import numpy as np
 from llama_cpp import LlamaGrammar, LogitsProcessorList, StoppingCriteriaList
 from llama_cpp.llama_tokenizer import LlamaTokenizer
 
-from ._native import PYMOI_ERR_FORMAT, PYMOI_ERR_IO, PYMOI_ERR_UNSUPPORTED, PymoiError, check, lib, session_info
+from ._native import (
+    PYMOI_ERR_FORMAT,
+    PYMOI_ERR_IO,
+    PYMOI_ERR_UNSUPPORTED,
+    PymoiError,
+    check,
+    checkpoint_info,
+    lib,
+    session_info,
+)
 from .batch import completion_choices, generate_batch, per_sequence_betas
 from .embedding_rows import EmbeddingRows
 from .mixing import chain_top_k, validate_beta, validate_top_k
@@ -172,6 +182,8 @@ class Llama(llama_cpp.Llama):
         self._moi_generation: Optional[object] = None
         self._moi_reply: list[int] = []  # tokens of the latest MoI reply whose positions were dropped
         self._moi_reply_from = 0
+        self._moi_checkpoint: Optional[ctypes.c_void_p] = None  # the prompt's state, where the memory needs one
+        self._moi_checkpoint_warned = False
         self._moi_chat_choices = 1
         self._moi_interrupt: Optional[threading.Event] = None
         self._moi_chat_completion: Optional[dict[str, Any]] = None
@@ -230,6 +242,11 @@ class Llama(llama_cpp.Llama):
             return
         self._moi_session = session
         self._stack.callback(self._free_session)
+        if self.needs_prompt_checkpoints:
+            checkpoint = ctypes.c_void_p()
+            check(lib.pymoi_checkpoint_new(ctypes.byref(checkpoint)))
+            self._moi_checkpoint = checkpoint
+            self._stack.callback(self._free_checkpoint)
         info = session_info()
         check(lib.pymoi_session_info_get(session, ctypes.byref(info)))
         self._moi_input = MoiInput(
@@ -301,6 +318,28 @@ class Llama(llama_cpp.Llama):
         if self._moi_session is None:
             raise ValueError(self._moi_refusal or "this model cannot take a mixture of inputs")
         return self._moi_session
+
+    @property
+    def needs_prompt_checkpoints(self) -> bool:
+        """Whether the model's memory cannot drop the mixed tail of a generation without a checkpoint
+        of the prompt's state: recurrent and hybrid models, and a sliding window without swa_full."""
+        model = ctypes.cast(self._model.model, ctypes.c_void_p)
+        return bool(lib.pymoi_memory_needs_checkpoint(model, self.context_params.swa_full))
+
+    def _free_checkpoint(self) -> None:
+        if self._moi_checkpoint is not None:
+            lib.pymoi_checkpoint_free(self._moi_checkpoint)
+            self._moi_checkpoint = None
+
+    @property
+    def moi_checkpoint_bytes(self) -> int:
+        """Bytes of the prompt checkpoint this instance holds: the recurrent state (or sliding-window cells)
+        that lets a MoI generation drop its mixed positions and keep the prompt; 0 where none is needed."""
+        if self._moi_checkpoint is None:
+            return 0
+        info = checkpoint_info()
+        check(lib.pymoi_checkpoint_info_get(self._moi_checkpoint, ctypes.byref(info)))
+        return info.bytes
 
     def _free_session(self) -> None:
         if self._moi_session is not None:
@@ -582,21 +621,56 @@ class Llama(llama_cpp.Llama):
     def _discard_mixed_positions(self) -> None:
         """Drops the positions that were fed a mixture, so that no later call reuses them as tokens.
 
-        A memory that cannot drop a tail (recurrent and hybrid models) forgets everything.
+        A memory that cannot drop a tail (recurrent, hybrid) gets back the checkpoint taken at the
+        end of the prompt; without one it forgets everything.
         """
         mixed_from = self._moi_mixed_from
         if mixed_from is None:
             return
         self._moi_mixed_from = None
         self._moi_generation = None
-        if self.n_tokens > mixed_from:
-            if self._ctx.kv_cache_seq_rm(-1, mixed_from, -1):
+        memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+        if llama_cpp.llama_memory_seq_pos_max(memory, 0) >= mixed_from:
+            if self._ctx.kv_cache_seq_rm(0, mixed_from, -1) or self._restore_prompt_checkpoint(mixed_from):
                 self._moi_reply, self._moi_reply_from = self.input_ids[mixed_from : self.n_tokens].tolist(), mixed_from
                 self.n_tokens = mixed_from
             else:
                 self._forget_context()
         # The live logits belong to a mixed position, not to the token prefix.
         self._requires_eval = True
+
+    def _save_prompt_checkpoint(self) -> None:
+        """Saves the state at the end of the prompt, where the memory cannot drop the mixed tail without it."""
+        if self._moi_checkpoint is None or self.n_tokens == 0:
+            return
+        try:
+            check(lib.pymoi_checkpoint_save(self._moi_checkpoint, self._ctx.ctx, 0))
+        except PymoiError as error:
+            self._warn_no_checkpoint(f"the prompt's checkpoint could not be saved ({error})")
+
+    def _restore_prompt_checkpoint(self, n_prompt: int) -> bool:
+        """Brings the memory back to the checkpoint of the prompt's n_prompt tokens; False when there is none."""
+        if self._moi_checkpoint is None:
+            return False
+        info = checkpoint_info()
+        check(lib.pymoi_checkpoint_info_get(self._moi_checkpoint, ctypes.byref(info)))
+        if info.pos != n_prompt - 1:
+            return False
+        try:
+            check(lib.pymoi_checkpoint_restore(self._moi_checkpoint, self._ctx.ctx, 0))
+        except PymoiError as error:
+            self._warn_no_checkpoint(f"the prompt's checkpoint could not be restored ({error})")
+            return False
+        return True
+
+    def _warn_no_checkpoint(self, why: str) -> None:
+        if not self._moi_checkpoint_warned:
+            self._moi_checkpoint_warned = True
+            warnings.warn(
+                f"pymoi: {why}; this MoI reply's prompt is evaluated again by the next request",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def settle_reply(self) -> int:
         """Evaluates the latest MoI reply as tokens where its positions were fed mixtures (and dropped),
@@ -659,6 +733,7 @@ class Llama(llama_cpp.Llama):
         self._moi_generation = generation
         self._moi_mixed_from = self.n_tokens
         session = self._require_session()
+        self._save_prompt_checkpoint()
         token = ctypes.c_int32(0)
         try:
             check(lib.pymoi_session_begin(session, settings.beta, settings.top_k))

@@ -114,12 +114,17 @@ class ServedModel:
     requests are served one at a time, as stock.
     """
 
-    def __init__(self, llm: Llama, alias: str, *, max_waiting: int = 16, engine_thread: bool = True) -> None:
-        """engine_thread=False: the engine steps only when run() serves the app, on the main thread."""
+    def __init__(
+        self, llm: Llama, alias: str, *, max_waiting: int = 16, engine_thread: bool = True, settle_replies: bool = True
+    ) -> None:
+        """engine_thread=False: the engine steps only when run() serves the app, on the main thread.
+        settle_replies: see Engine."""
         self.llm = llm
         self.alias = alias
         self.engine: Optional[Engine] = (
-            None if llm.moi_refusal is not None else Engine(llm, max_waiting=max_waiting, own_thread=engine_thread)
+            None
+            if llm.moi_refusal is not None
+            else Engine(llm, max_waiting=max_waiting, own_thread=engine_thread, settle_replies=settle_replies)
         )
         self.alone = anyio.Lock()
         self.running: Optional[threading.Event] = None  # the generation in progress without an engine
@@ -426,10 +431,11 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
 
 @router.get("/health", summary="Health")
 async def health(request: Request) -> dict[str, Any]:
-    """'ok', with the requests generating and waiting (0 and 0 without an engine)."""
+    """'ok', with the requests generating and waiting, and the finished replies the engine has yet to
+    settle into their sequences in idle time (all 0 without an engine)."""
     engine = served(request).engine
-    generating, waiting = engine.load() if engine is not None else (0, 0)
-    return {"status": "ok", "generating": generating, "waiting": waiting}
+    generating, waiting, settling = engine.load() if engine is not None else (0, 0, 0)
+    return {"status": "ok", "generating": generating, "waiting": waiting, "settling": settling}
 
 
 async def http_error(request: Request, error: Exception) -> JSONResponse:

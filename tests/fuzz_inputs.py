@@ -310,7 +310,7 @@ class BatchReplay:
         lib.pymoi_session_begin(self.session, 1.0, 1)
         n_seq = int(reader.take("b"))
         batch = ctypes.c_void_p()
-        status = lib.pymoi_batch_open(self.session, ctypes.c_void_p(self.ctx), n_seq, ctypes.byref(batch))
+        status = lib.pymoi_batch_open(self.session, ctypes.c_void_p(self.ctx), n_seq, True, ctypes.byref(batch))
         if not 1 <= n_seq <= self.SEQ_MAX:
             self._clean_failure(status, 1)
             return "refused n_seq"
@@ -354,7 +354,7 @@ class BatchReplay:
                         assert all(t == -1 or (0 <= t < self.n_vocab and in_use[s]) for s, t in enumerate(out)), list(out)
                 elif op == 2:
                     n_keep = int(reader.take("b"))
-                    status = lib.pymoi_batch_finish(batch, seq, n_keep)
+                    status = lib.pymoi_batch_finish(batch, seq, n_keep, None)
                     if 0 <= seq < n_seq:
                         assert status == 0, lib.pymoi_last_error()
                         in_use[seq] = False

@@ -77,6 +77,23 @@ def stream_events(server: Server, path: str, body: dict[str, Any]) -> list[Any]:
     return events
 
 
+def health(server: Server) -> dict[str, Any]:
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    connection.request("GET", "/health")
+    payload = json.loads(connection.getresponse().read())
+    connection.close()
+    return payload
+
+
+def wait_until_settled(server: Server) -> dict[str, Any]:
+    """Waits until the server has settled every finished reply (see Engine); returns its health."""
+    deadline = time.monotonic() + 60
+    while (state := health(server))["settling"]:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)
+    return state
+
+
 def served(folder: pathlib.Path, model: str, ctx: int, parallel: int) -> Iterator[Server]:
     """A server of `model` with the test key, for a fixture to yield from; stopped afterwards."""
     running = start_server(

@@ -6,7 +6,6 @@ and a max_tokens larger than the context holds."""
 from __future__ import annotations
 
 import collections
-import http.client
 import json
 import pathlib
 import subprocess
@@ -15,7 +14,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from serving import API_KEY, Server, post, start_server
+from serving import API_KEY, Server, post, start_server, wait_until_settled
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLIENTS, REQUESTS, PARALLEL, CTX = 8, 25, 4, 1024
@@ -80,11 +79,7 @@ def test_server_is_healthy_and_idle_after_the_load(loaded: tuple[Server, dict[st
     server, report, output = loaded
     assert server.process.poll() is None, server.err.read_text()[-3000:]
     # Dropped streams freed their sequences: nothing generates or waits.
-    connection = http.client.HTTPConnection(server.host, server.port, timeout=30)
-    connection.request("GET", "/health")
-    response = connection.getresponse()
-    assert (response.status, json.loads(response.read())) == (200, {"status": "ok", "generating": 0, "waiting": 0})
-    connection.close()
+    assert wait_until_settled(server) == {"status": "ok", "generating": 0, "waiting": 0, "settling": 0}
     # And it still generates: greedy, the same text as the same request before any load.
     status, body = post(server, "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "beta": None})
     assert status == 200 and body["usage"]["completion_tokens"] >= 1, body
