@@ -115,7 +115,7 @@ def test_one_hot_batch_on_gemma3(gemma3_path: str) -> None:
         expected = token_batch_decode(llm, prompts, 16)
         assert llm.generate_batch(prompts, 16, temp=0.0, moi_top_k=1, stop_tokens=[]) == expected
         # Gemma 3's batched kernels do not reproduce single-sequence logits bit for bit
-        # (see README, "Batched generation"), so only the shapes are compared here.
+        # (see docs/python-api.md, "Batched generation"), so only the shapes are compared here.
         mixed = llm.generate_batch(prompts, 16, temp=0.0, stop_tokens=[])
         assert [len(tokens) for tokens in mixed] == [16] * 4 and mixed != expected
     finally:

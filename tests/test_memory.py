@@ -155,6 +155,6 @@ def test_500_generations_do_not_grow_memory(smollm2_path: str, tmp_path: pathlib
     # glibc's heaps settle after the warm-up) and model-file pages touched for the first time (file
     # pages are in PSS, and fall when other processes map the same file; anonymous ones are the
     # process's own). Measured on the 2-core VM: anonymous +0.5 MiB here, +13.5 MiB for stock
-    # llama_cpp.Llama on the same loop (README, Reliability).
+    # llama_cpp.Llama on the same loop (docs/reliability.md).
     assert growth["pymoi"]["Pss"] < 3, report
     assert growth["pymoi"]["Pss_Anon"] < 2, report

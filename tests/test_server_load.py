@@ -90,7 +90,7 @@ def test_server_memory_stays_flat_under_load(loaded: tuple[Server, dict[str, Any
     server, report, output = loaded
     memory = report["memory"]
     growth = {key: memory["end"][key] - memory["after_warm_up"][key] for key in ("Pss", "Pss_Anon")}
-    # Measured on the 2-core VM (README, Reliability), from after the warm-up (which fills every KV
+    # Measured on the 2-core VM (docs/reliability.md), from after the warm-up (which fills every KV
     # cell once) to the end: 200 requests (this test) PSS +7.5 MiB, anonymous +5.5 (+8.0 and +5.7
     # in a run whose warm-up did not fill the cache); 600 requests PSS +16.8, anonymous +8.0. PSS
     # also moves with other processes that map the same model file (its pages are divided among

@@ -11,6 +11,11 @@ weights are random but scaled so that greedy decoding produces varied
 tokens, never an end-of-generation token, and the next tokens depend
 clearly on every input (its embedding scale and, for the M-RoPE models, all
 its position sections).
+
+The gated-delta-net hybrids (``SCALABLE_ARCHITECTURES``: qwen35, qwen35moe,
+qwen3next) can also be written larger, e.g. a Qwen3.5-shaped model of about
+100M parameters for benchmarks, by passing ``dims=Dims(...)``; the default
+``Dims()`` is the tiny model every test uses.
 """
 
 from __future__ import annotations
@@ -80,19 +85,60 @@ class _Init:
 
 
 @dataclass(frozen=True)
-class _Dims:
+class Dims:
+    """Sizes of a model written by ``write_recurrent_model``; the defaults are the tiny test models'.
+
+    Every architecture uses ``n_vocab``, ``n_embd``, ``n_ff``, ``n_layer`` and
+    ``head_dim`` (attention heads: ``n_head = n_embd // head_dim``,
+    ``n_head_kv = n_head // 2``); the other fields are the gated delta net
+    hybrids'.  Only ``SCALABLE_ARCHITECTURES`` accept sizes other than the
+    defaults.
+    """
+
     n_vocab: int = 300
     n_embd: int = 64
     n_ff: int = 128
     n_layer: int = 4
+    head_dim: int = HEAD_DIM
+    full_attention_interval: int = 2  # layer il is an attention layer iff (il + 1) % interval == 0
+    gdn_d_state: int = 16  # gated delta net head size (key and value heads alike)
+    gdn_n_k_heads: int = 2  # ssm.group_count
+    gdn_n_v_heads: int = 4  # ssm.time_step_rank; a multiple of gdn_n_k_heads
+    gdn_d_conv: int = 4
+    # M-RoPE sections in rotary pairs per (t, h, w, e): the 16-dim heads' (3, 3, 2, 0), like Qwen3.5's (11, 11, 10, 0)
+    mrope_sections: tuple[int, int, int, int] = (3, 3, 2, 0)
+    n_rot: int | None = None  # rope.dimension_count (Qwen3.5: a quarter of the head); None: all of it, not written
+    context_length: int = 2048
 
     @property
     def n_head(self) -> int:
-        return self.n_embd // HEAD_DIM
+        return self.n_embd // self.head_dim
 
     @property
     def n_head_kv(self) -> int:
         return self.n_head // 2
+
+    def is_attention_layer(self, il: int) -> bool:
+        """Whether layer ``il`` of a gated delta net hybrid is a (full) attention layer."""
+        return (il + 1) % self.full_attention_interval == 0
+
+    def check(self) -> None:
+        """Raises ValueError for sizes llama.cpp would not load."""
+        if self.n_vocab < len(_CONTROL_TOKENS) + 257:
+            raise ValueError(f"n_vocab must be at least {len(_CONTROL_TOKENS) + 257}, got {self.n_vocab}")
+        if self.n_embd <= 0 or self.n_embd % 32:
+            raise ValueError(f"n_embd must be a positive multiple of 32, got {self.n_embd}")
+        if self.head_dim <= 0 or self.n_embd % self.head_dim or self.n_head < 2:
+            raise ValueError(f"n_embd ({self.n_embd}) must hold at least 2 heads of head_dim ({self.head_dim})")
+        if min(self.n_ff, self.n_layer, self.full_attention_interval, self.gdn_d_state, self.gdn_d_conv) <= 0:
+            raise ValueError("n_ff, n_layer, full_attention_interval, gdn_d_state and gdn_d_conv must be positive")
+        if self.gdn_n_k_heads <= 0 or self.gdn_n_v_heads % self.gdn_n_k_heads:
+            raise ValueError(
+                f"gdn_n_v_heads ({self.gdn_n_v_heads}) must be a multiple of gdn_n_k_heads ({self.gdn_n_k_heads})"
+            )
+        rotary = self.head_dim if self.n_rot is None else self.n_rot
+        if rotary <= 0 or rotary % 2 or rotary > self.head_dim or sum(self.mrope_sections) > rotary // 2:
+            raise ValueError(f"mrope_sections {self.mrope_sections} need more than the {rotary // 2} rotary pairs")
 
 
 # Scales of the branch outputs (attention, recurrent mixer, FFN), as in tiny_models: a small attention gain
@@ -103,7 +149,7 @@ _ATTN_GAIN, _MIX_GAIN, _FFN_GAIN = 0.25, 1.0, 2.0
 def _common(
     m: _Model,
     init: _Init,
-    d: _Dims,
+    d: Dims,
     *,
     output_norm: str | None = "output_norm",
     norm_eps: tuple[str, float] = ("attention.layer_norm_rms_epsilon", 1e-6),
@@ -114,7 +160,7 @@ def _common(
     random +-1, as in ``tiny_models``; the control tokens' output rows are
     scaled down so that greedy decoding never picks them (in particular EOS).
     """
-    m.u32("context_length", 2048)
+    m.u32("context_length", d.context_length)
     m.u32("embedding_length", d.n_embd)
     m.u32("block_count", d.n_layer)
     m.f32(*norm_eps)
@@ -125,17 +171,19 @@ def _common(
     m.tensors["output.weight"][: len(_CONTROL_TOKENS)] *= np.float32(0.01)
 
 
-def _attention_heads(m: _Model, d: _Dims, *, rope_base: float = 10000.0) -> None:
+def _attention_heads(m: _Model, d: Dims, *, rope_base: float = 10000.0) -> None:
     m.u32("attention.head_count", d.n_head)
     m.u32("attention.head_count_kv", d.n_head_kv)
-    m.u32("attention.key_length", HEAD_DIM)
-    m.u32("attention.value_length", HEAD_DIM)
+    m.u32("attention.key_length", d.head_dim)
+    m.u32("attention.value_length", d.head_dim)
     m.f32("rope.freq_base", rope_base)
+    if d.n_rot is not None:
+        m.u32("rope.dimension_count", d.n_rot)
 
 
 def _attn_tensors(
     init: _Init,
-    d: _Dims,
+    d: Dims,
     *,
     q_gate: bool = False,
     qk_norm: bool = False,
@@ -143,8 +191,8 @@ def _attn_tensors(
     qk_norm_gain: float = 1.0,
 ) -> _Tensors:
     """attn_q/k/v/output (+ q/k norms); ``q_gate`` doubles attn_q for the per-head output gate (Qwen3-Next style)."""
-    n_q = d.n_head * HEAD_DIM
-    n_kv = d.n_head_kv * HEAD_DIM
+    n_q = d.n_head * d.head_dim
+    n_kv = d.n_head_kv * d.head_dim
     t = {
         "attn_q.weight": init.linear(2 * n_q if q_gate else n_q, d.n_embd),
         "attn_k.weight": init.linear(n_kv, d.n_embd),
@@ -152,12 +200,12 @@ def _attn_tensors(
         "attn_output.weight": init.linear(d.n_embd, n_q, gain),
     }
     if qk_norm:
-        t["attn_q_norm.weight"] = init.ones(HEAD_DIM, value=qk_norm_gain)
-        t["attn_k_norm.weight"] = init.ones(HEAD_DIM, value=qk_norm_gain)
+        t["attn_q_norm.weight"] = init.ones(d.head_dim, value=qk_norm_gain)
+        t["attn_k_norm.weight"] = init.ones(d.head_dim, value=qk_norm_gain)
     return t
 
 
-def _ffn_tensors(init: _Init, d: _Dims, gain: float = _FFN_GAIN) -> _Tensors:
+def _ffn_tensors(init: _Init, d: Dims, gain: float = _FFN_GAIN) -> _Tensors:
     return {
         "ffn_gate.weight": init.linear(d.n_ff, d.n_embd),
         "ffn_up.weight": init.linear(d.n_ff, d.n_embd),
@@ -168,7 +216,7 @@ def _ffn_tensors(init: _Init, d: _Dims, gain: float = _FFN_GAIN) -> _Tensors:
 _N_EXPERT, _N_EXPERT_USED = 4, 2
 
 
-def _moe_tensors(init: _Init, d: _Dims, gain: float = _FFN_GAIN) -> _Tensors:
+def _moe_tensors(init: _Init, d: Dims, gain: float = _FFN_GAIN) -> _Tensors:
     """Routed experts (``n_ff / 2`` wide) plus a sigmoid-gated shared expert (Qwen3-Next / Qwen3.5-MoE layout)."""
     n_expert, n_ff_exp = _N_EXPERT, d.n_ff // 2
 
@@ -193,14 +241,11 @@ def _blk(m: _Model, il: int, tensors: _Tensors) -> None:
 
 # --- gated delta net hybrids: qwen35, qwen35moe, qwen3next ------------------------------------------------
 
-_GDN_D_STATE, _GDN_N_GROUP, _GDN_N_V_HEADS, _GDN_D_CONV = 16, 2, 4, 4
-_MROPE_SECTIONS = [3, 3, 2, 0]  # rotary pairs of the 16-dim heads per (t, h, w, e), like Qwen3.5's [11, 11, 10, 0]
-
-
 def _gated_delta_net(
-    m: _Model, init: _Init, d: _Dims, *, mrope: bool, moe: bool, fused_beta_alpha: bool = False, norms: bool = True
+    m: _Model, init: _Init, d: Dims, *, mrope: bool, moe: bool, fused_beta_alpha: bool = False, norms: bool = True
 ) -> None:
-    """Gated delta net layers 0, 2 and gated attention layers 1, 3; a dense or MoE FFN after each.
+    """Gated delta net layers and, every ``d.full_attention_interval``-th layer (tiny: 1 and 3), gated
+    attention layers; a dense or MoE FFN after each.
 
     ``mrope`` writes M-RoPE sections (the architecture's rope type decides
     MROPE / IMROPE), ``fused_beta_alpha`` one ``ssm_ba`` instead of
@@ -210,28 +255,29 @@ def _gated_delta_net(
     _common(m, init, d, output_norm="output_norm" if norms else None)
     _attention_heads(m, d)
     m.u32("feed_forward_length", d.n_ff)
-    m.u32("ssm.conv_kernel", _GDN_D_CONV)
-    m.u32("ssm.state_size", _GDN_D_STATE)
-    m.u32("ssm.group_count", _GDN_N_GROUP)
-    m.u32("ssm.time_step_rank", _GDN_N_V_HEADS)
-    m.u32("ssm.inner_size", _GDN_D_STATE * _GDN_N_V_HEADS)
-    m.u32("full_attention_interval", 2)
+    m.u32("ssm.conv_kernel", d.gdn_d_conv)
+    m.u32("ssm.state_size", d.gdn_d_state)
+    m.u32("ssm.group_count", d.gdn_n_k_heads)
+    m.u32("ssm.time_step_rank", d.gdn_n_v_heads)
+    m.u32("ssm.inner_size", d.gdn_d_state * d.gdn_n_v_heads)
+    m.u32("full_attention_interval", d.full_attention_interval)
     if mrope:
-        m.i32s("rope.dimension_sections", _MROPE_SECTIONS)
+        m.i32s("rope.dimension_sections", list(d.mrope_sections))
     if moe:
         m.u32("expert_count", _N_EXPERT)
         m.u32("expert_used_count", _N_EXPERT_USED)
         m.u32("expert_feed_forward_length", d.n_ff // 2)
         m.u32("expert_shared_feed_forward_length", d.n_ff)
 
-    key_dim = _GDN_D_STATE * _GDN_N_GROUP
-    value_dim = _GDN_D_STATE * _GDN_N_V_HEADS
+    n_v_heads = d.gdn_n_v_heads
+    key_dim = d.gdn_d_state * d.gdn_n_k_heads
+    value_dim = d.gdn_d_state * n_v_heads
     for il in range(d.n_layer):
         blk: _Tensors = {}
         if norms:
             blk["attn_norm.weight"] = init.ones(d.n_embd)
             blk["post_attention_norm.weight"] = init.ones(d.n_embd)
-        if (il + 1) % 2 == 0:
+        if d.is_attention_layer(il):
             # sharp attention (large q/k norms) with a larger gain than tiny_models', so positions matter
             blk.update(_attn_tensors(init, d, q_gate=True, qk_norm=True, gain=0.5, qk_norm_gain=2.0))
         else:
@@ -239,18 +285,18 @@ def _gated_delta_net(
                 {
                     "attn_qkv.weight": init.linear(2 * key_dim + value_dim, d.n_embd),
                     "attn_gate.weight": init.linear(value_dim, d.n_embd),
-                    "ssm_conv1d.weight": init.normal((2 * key_dim + value_dim, _GDN_D_CONV), 0.5),
-                    "ssm_dt.bias": init.normal(_GDN_N_V_HEADS, 0.5),
-                    "ssm_a": -init.uniform(_GDN_N_V_HEADS, 0.2, 1.0),  # decay exp(softplus(.) * a) of the state
-                    "ssm_norm.weight": init.ones(_GDN_D_STATE),
+                    "ssm_conv1d.weight": init.normal((2 * key_dim + value_dim, d.gdn_d_conv), 0.5),
+                    "ssm_dt.bias": init.normal(n_v_heads, 0.5),
+                    "ssm_a": -init.uniform(n_v_heads, 0.2, 1.0),  # decay exp(softplus(.) * a) of the state
+                    "ssm_norm.weight": init.ones(d.gdn_d_state),
                     "ssm_out.weight": init.linear(d.n_embd, value_dim, _MIX_GAIN),
                 }
             )
             if fused_beta_alpha:
-                blk["ssm_ba.weight"] = init.linear(2 * _GDN_N_V_HEADS, d.n_embd)  # [beta; alpha] per key head
+                blk["ssm_ba.weight"] = init.linear(2 * n_v_heads, d.n_embd)  # [beta; alpha] per key head
             else:
-                blk["ssm_beta.weight"] = init.linear(_GDN_N_V_HEADS, d.n_embd)
-                blk["ssm_alpha.weight"] = init.linear(_GDN_N_V_HEADS, d.n_embd)
+                blk["ssm_beta.weight"] = init.linear(n_v_heads, d.n_embd)
+                blk["ssm_alpha.weight"] = init.linear(n_v_heads, d.n_embd)
         blk.update(_moe_tensors(init, d) if moe else _ffn_tensors(init, d))
         _blk(m, il, blk)
 
@@ -264,7 +310,7 @@ _PLE_MULTIPLIERS = [1, 31337, 1000003]
 _PLE_HEAD_VOCAB_SIZES = [61, 59, 67, 53]
 
 
-def _qwen4exp(m: _Model, init: _Init, d: _Dims) -> None:
+def _qwen4exp(m: _Model, init: _Init, d: Dims) -> None:
     """A qwen35 stack whose layer 0 also adds n-gram hash embeddings gathered by token id."""
     n, hc_dim = d.n_embd, _HC * d.n_embd
     n_ple_heads = (_PLE_NGRAM - 1) * _PLE_HEADS_PER_NGRAM
@@ -301,7 +347,7 @@ def _qwen4exp(m: _Model, init: _Init, d: _Dims) -> None:
     m.tensors.update(hc_mixer("output_hc", inject=False))
     for il in range(d.n_layer):
         blk = {**hc_mixer("hc_attn"), **hc_mixer("hc_ffn")}
-        if (il + 1) % 2 == 0:
+        if d.is_attention_layer(il):
             blk.update(
                 {
                     "indexer.q_proj.weight": init.linear(_INDEXER_HEADS * _INDEXER_DIM, n),
@@ -329,7 +375,7 @@ def _qwen4exp(m: _Model, init: _Init, d: _Dims) -> None:
 _SSM_D_STATE, _SSM_D_CONV = 16, 4
 
 
-def _mamba(m: _Model, init: _Init, d: _Dims) -> None:
+def _mamba(m: _Model, init: _Init, d: Dims) -> None:
     d_inner, dt_rank = 2 * d.n_embd, 4
     _common(m, init, d)
     m.u32("ssm.conv_kernel", _SSM_D_CONV)
@@ -356,7 +402,7 @@ def _mamba(m: _Model, init: _Init, d: _Dims) -> None:
         )
 
 
-def _mamba2_mixer(init: _Init, d: _Dims, n_group: int, n_ssm_head: int) -> _Tensors:
+def _mamba2_mixer(init: _Init, d: Dims, n_group: int, n_ssm_head: int) -> _Tensors:
     """A Mamba-2 mixer with ``d_inner = 2 * n_embd`` (granitehybrid requires the factor 2) and a grouped norm."""
     d_inner = 2 * d.n_embd
     conv_dim = d_inner + 2 * n_group * _SSM_D_STATE
@@ -373,7 +419,7 @@ def _mamba2_mixer(init: _Init, d: _Dims, n_group: int, n_ssm_head: int) -> _Tens
     return t
 
 
-def _mamba2_hparams(m: _Model, d: _Dims, n_group: int, n_ssm_head: int) -> None:
+def _mamba2_hparams(m: _Model, d: Dims, n_group: int, n_ssm_head: int) -> None:
     m.u32("ssm.conv_kernel", _SSM_D_CONV)
     m.u32("ssm.inner_size", 2 * d.n_embd)
     m.u32("ssm.state_size", _SSM_D_STATE)
@@ -381,7 +427,7 @@ def _mamba2_hparams(m: _Model, d: _Dims, n_group: int, n_ssm_head: int) -> None:
     m.u32("ssm.group_count", n_group)
 
 
-def _mamba2(m: _Model, init: _Init, d: _Dims) -> None:
+def _mamba2(m: _Model, init: _Init, d: Dims) -> None:
     n_group, n_ssm_head = 2, 8
     _common(m, init, d)
     _mamba2_hparams(m, d, n_group, n_ssm_head)
@@ -389,7 +435,7 @@ def _mamba2(m: _Model, init: _Init, d: _Dims) -> None:
         _blk(m, il, {"attn_norm.weight": init.ones(d.n_embd), **_mamba2_mixer(init, d, n_group, n_ssm_head)})
 
 
-def _granitehybrid(m: _Model, init: _Init, d: _Dims) -> None:
+def _granitehybrid(m: _Model, init: _Init, d: Dims) -> None:
     n_group, n_ssm_head = 2, 8
     _common(m, init, d)
     _attention_heads(m, d)
@@ -407,7 +453,7 @@ def _granitehybrid(m: _Model, init: _Init, d: _Dims) -> None:
         _blk(m, il, blk)
 
 
-def _falcon_h1(m: _Model, init: _Init, d: _Dims) -> None:
+def _falcon_h1(m: _Model, init: _Init, d: Dims) -> None:
     n_group, n_ssm_head = 1, 8
     _common(m, init, d)
     _attention_heads(m, d)
@@ -427,7 +473,7 @@ def _falcon_h1(m: _Model, init: _Init, d: _Dims) -> None:
 _SHORTCONV_L_CACHE = 3
 
 
-def _lfm2(m: _Model, init: _Init, d: _Dims) -> None:
+def _lfm2(m: _Model, init: _Init, d: Dims) -> None:
     _common(m, init, d, output_norm="token_embd_norm")
     _attention_heads(m, d)
     m.u32("feed_forward_length", d.n_ff)
@@ -457,7 +503,7 @@ _WKV_HEAD_SIZE, _RWKV_LORA = 64, 16  # head size: ggml-cpu's SIMD wkv7 kernel ne
 _RWKV_LN_EPS = 0.02  # large, so that the input LayerNorm does not cancel a wrong scale of the inputs
 
 
-def _rwkv7(m: _Model, init: _Init, d: _Dims) -> None:
+def _rwkv7(m: _Model, init: _Init, d: Dims) -> None:
     n, r = d.n_embd, _RWKV_LORA
     _common(m, init, d, norm_eps=("attention.layer_norm_epsilon", _RWKV_LN_EPS))
     m.u32("feed_forward_length", d.n_ff)
@@ -507,7 +553,7 @@ def _rwkv7(m: _Model, init: _Init, d: _Dims) -> None:
         )
 
 
-_BUILDERS: dict[str, Callable[[_Model, _Init, _Dims], None]] = {
+_BUILDERS: dict[str, Callable[[_Model, _Init, Dims], None]] = {
     "qwen35": functools.partial(_gated_delta_net, mrope=True, moe=False),
     "qwen35moe": functools.partial(_gated_delta_net, mrope=True, moe=True),
     "qwen3next": functools.partial(_gated_delta_net, mrope=False, moe=True, fused_beta_alpha=True),
@@ -522,6 +568,10 @@ _BUILDERS: dict[str, Callable[[_Model, _Init, _Dims], None]] = {
 
 RECURRENT_ARCHITECTURES: tuple[str, ...] = tuple(_BUILDERS)
 """Architectures ``write_recurrent_model`` can write (llama.cpp ``general.architecture`` names)."""
+
+SCALABLE_ARCHITECTURES: tuple[str, ...] = ("qwen35", "qwen35moe", "qwen3next")
+"""Architectures ``write_recurrent_model`` writes with any ``Dims`` (the gated delta net hybrids); every
+other architecture's layer pattern and mixer sizes are fixed to the tiny defaults."""
 
 ARCHITECTURE_KINDS: dict[str, str] = {
     "qwen35": "hybrid",
@@ -552,20 +602,29 @@ embeddings), so feeding the token embedding rows does not reproduce token input.
 
 
 def write_recurrent_model(
-    path: str | os.PathLike[str], arch: str, *, seed: int = 0, token_embd_type: str = "F32"
+    path: str | os.PathLike[str],
+    arch: str,
+    *,
+    seed: int = 0,
+    token_embd_type: str = "F32",
+    dims: Dims | None = None,
 ) -> pathlib.Path:
-    """Write a tiny random-weight model of architecture ``arch`` (one of ``RECURRENT_ARCHITECTURES``) to ``path``.
+    """Write a random-weight model of architecture ``arch`` (one of ``RECURRENT_ARCHITECTURES``) to ``path``.
 
     ``token_embd.weight`` is stored as ``token_embd_type`` (one of
     ``tiny_models.WRITER_EMBEDDING_TYPES``), every other tensor as F32.  The
-    vocabulary is ``tiny_models``' 300-token SentencePiece-style one (BOS 1,
-    EOS 2).  Returns ``path``.
+    vocabulary is ``tiny_models``' SentencePiece-style one (BOS 1, EOS 2) of
+    ``dims.n_vocab`` tokens.  ``dims`` (default ``Dims()``, the tiny model)
+    sets the sizes, for ``SCALABLE_ARCHITECTURES`` only.  Returns ``path``.
     """
     if arch not in _BUILDERS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {RECURRENT_ARCHITECTURES}")
     if token_embd_type not in WRITER_EMBEDDING_TYPES:
         raise ValueError(f"unsupported token_embd_type {token_embd_type!r}; expected one of {WRITER_EMBEDDING_TYPES}")
-    dims = _Dims()
+    dims = Dims() if dims is None else dims
+    if dims != Dims() and arch not in SCALABLE_ARCHITECTURES:
+        raise ValueError(f"{arch} is written with the default Dims only; other sizes: {SCALABLE_ARCHITECTURES}")
+    dims.check()
     model = _Model()
     _BUILDERS[arch](model, _Init(seed), dims)
 
