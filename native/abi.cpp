@@ -339,12 +339,6 @@ pymoi_status pymoi_batch_finish(pymoi_batch * batch, int32_t seq, int32_t n_keep
     });
 }
 
-pymoi_status pymoi_batch_checkpoint_bytes(const pymoi_batch * batch, uint64_t * out_bytes) {
-    if (batch == nullptr || out_bytes == nullptr) return fail(PYMOI_ERR_INVALID_ARGUMENT, "batch and out_bytes must not be null");
-    *out_bytes = batch->step->checkpoint_bytes();
-    return PYMOI_OK;
-}
-
 bool pymoi_memory_needs_checkpoint(const llama_model * model, bool swa_full) {
     return model != nullptr && pymoi::memory_needs_checkpoint(model, swa_full);
 }

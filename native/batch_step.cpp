@@ -312,11 +312,6 @@ int BatchStep::finish(int32_t seq, int32_t n_keep, int32_t * n_kept, std::string
     return PYMOI_OK;
 }
 
-uint64_t BatchStep::checkpoint_bytes() const {
-    uint64_t bytes = 0;
-    for (const SeqCheckpoint & checkpoint : checkpoints_) bytes += checkpoint.pos() < 0 ? 0 : checkpoint.size();
-    return bytes;
-}
 
 int BatchStep::logits(int32_t seq, const float ** out, std::string * error) const {
     const int status = check_sequence(seq, error);

@@ -52,8 +52,6 @@ class BatchStep {
     // positions is restored; without one every cell is freed. *n_kept says how
     // many prompt positions the sequence still holds.
     int finish(int32_t seq, int32_t n_keep, int32_t * n_kept, std::string * error);
-    // Bytes the prompt checkpoints hold.
-    uint64_t checkpoint_bytes() const;
     // See MixtureInput::sample(); 0 after add().
     int share_top_k(int32_t seq, int32_t chain_top_k, std::string * error);
     // The raw logits (n_vocab floats) that the latest step sampled sequence `seq`

@@ -264,9 +264,6 @@ PYMOI_API pymoi_status pymoi_batch_step(pymoi_batch * batch, llama_token * out_t
 // prompt positions the sequence holds afterwards.
 PYMOI_API pymoi_status pymoi_batch_finish(pymoi_batch * batch, int32_t seq, int32_t n_keep, int32_t * out_n_kept);
 
-// Bytes the batch's prompt checkpoints hold (0 without checkpoint_prompts).
-PYMOI_API pymoi_status pymoi_batch_checkpoint_bytes(const pymoi_batch * batch, uint64_t * out_bytes);
-
 // The raw logits (n_vocab floats, owned by the context) that the latest step
 // sampled sequence `seq`'s token from; valid until the next step.
 PYMOI_API pymoi_status pymoi_batch_logits(const pymoi_batch * batch, int32_t seq, const float ** out_logits);

@@ -120,7 +120,6 @@ def _load() -> ctypes.CDLL:
         "pymoi_batch_open": (
             [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_bool, ctypes.POINTER(ctypes.c_void_p)], ctypes.c_int
         ),
-        "pymoi_batch_checkpoint_bytes": ([ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64)], ctypes.c_int),
         "pymoi_memory_needs_checkpoint": ([ctypes.c_void_p, ctypes.c_bool], ctypes.c_bool),
         "pymoi_checkpoint_new": ([ctypes.POINTER(ctypes.c_void_p)], ctypes.c_int),
         "pymoi_checkpoint_free": ([ctypes.c_void_p], None),

@@ -87,12 +87,6 @@ class NativeBatch:
         check(lib.pymoi_batch_finish(self._handle, seq, n_keep, ctypes.byref(kept)))
         return kept.value
 
-    def checkpoint_bytes(self) -> int:
-        """Bytes the prompt checkpoints of the sequences hold."""
-        value = ctypes.c_uint64(0)
-        check(lib.pymoi_batch_checkpoint_bytes(self._handle, ctypes.byref(value)))
-        return value.value
-
     def logits(self, seq: int) -> np.ndarray:
         """A copy of the raw logits that the latest step sampled sequence `seq` from."""
         pointer = ctypes.POINTER(ctypes.c_float)()

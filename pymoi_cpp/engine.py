@@ -167,10 +167,6 @@ class Engine:
             unsettled = sum(bool(reply) for reply in self._unsettled) if self.settle_replies else 0
             return generating, len(self._waiting), settling + unsettled
 
-    def checkpoint_bytes(self) -> int:
-        """Bytes the slots' prompt checkpoints hold (0 on a memory that needs none)."""
-        return self._batch.checkpoint_bytes()
-
     def submit(self, generation: Generation) -> None:
         """Queues a generation; EngineBusy when the queue is full, EngineClosed after close()."""
         with self._wake:
