@@ -60,8 +60,13 @@ class Generation:
         keep_logits: bool = False,
         interrupt: Optional[threading.Event] = None,
         settling: bool = False,
+        cache_prompt: bool = True,
     ) -> None:
         self.prompt = list(prompt)
+        # False: the prompt is read from scratch, not after the cells of an earlier prompt that starts alike
+        # (llama-server's cache_prompt): reading a prompt in other chunks changes llama.cpp's sums, and so can
+        # change the answer.
+        self.cache_prompt = cache_prompt
         self.settling = settling  # the engine's own: a finished reply evaluated as tokens in idle time
         self.sampler = sampler  # a llama_cpp LlamaSampler, alive until the sequence is finished
         self.native_beta = math.inf if beta is None else beta
@@ -83,7 +88,11 @@ class Generation:
 
     @property
     def cancelled(self) -> bool:
-        return self._cancelled.is_set() or (self._interrupt is not None and self._interrupt.is_set())
+        return self._cancelled.is_set() or self.client_left
+
+    @property
+    def client_left(self) -> bool:
+        return self._interrupt is not None and self._interrupt.is_set()
 
     def tokens(self) -> Iterator[int]:
         """The generated tokens as they come, ending after a stop token (included) or max_tokens;
@@ -264,10 +273,15 @@ class Engine:
             if generation.cancelled:
                 generation._end()
                 continue
-            # The free slot whose cached prompt shares the longest prefix, as llama-server picks a slot.
-            shared = {seq: Llama.longest_token_prefix(self._cached[seq], generation.prompt) for seq in free}
-            seq = max(free, key=lambda candidate: shared[candidate])
-            n_keep = min(shared[seq], len(generation.prompt) - 1)
+            if generation.cache_prompt:
+                # The free slot whose cached prompt shares the longest prefix, as llama-server picks a slot.
+                shared = {seq: Llama.longest_token_prefix(self._cached[seq], generation.prompt) for seq in free}
+                seq = max(free, key=lambda candidate: shared[candidate])
+                n_keep = min(shared[seq], len(generation.prompt) - 1)
+            else:
+                # Read from scratch, in the free slot that holds the least, so that other prompts keep their cells.
+                seq = min(free, key=lambda candidate: len(self._cached[candidate]) + len(self._unsettled[candidate]))
+                n_keep = 0
             self._cached[seq] = []
             try:
                 generation.cached_tokens = self._batch.add(
@@ -311,7 +325,8 @@ class Engine:
             kept = []
         kept = kept[: self._batch.finish(seq, len(kept))]
         self._cached[seq] = kept
-        if generation is None or not kept:
+        if generation is None or not kept or generation.client_left:
+            # A reply whose client left is no conversation's: nothing to settle.
             self._unsettled[seq] = []
         elif generation.settling:
             self._unsettled[seq] = generation.prompt[len(kept) :] + self._unsettled[seq]
@@ -400,8 +415,10 @@ class EngineModel:
         seed: int,
         keep_logits: bool = False,
         interrupt: Optional[threading.Event] = None,
+        cache_prompt: bool = True,
     ) -> None:
         self._engine = engine
+        self._cache_prompt = cache_prompt
         self._llm = engine.llm
         self._beta = beta
         self._moi_top_k = moi_top_k
@@ -480,6 +497,7 @@ class EngineModel:
         generation = Generation(
             tokens, sampler, beta=self._beta, top_k=self._moi_top_k, chain_top_k=shared_k, max_tokens=limit,
             stop_tokens=self._llm.end_of_generation_tokens, keep_logits=self._keep_logits, interrupt=self._interrupt,
+            cache_prompt=self._cache_prompt,
         )
         self._generation = generation
         self._engine.submit(generation)
