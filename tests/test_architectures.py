@@ -293,3 +293,23 @@ def test_concurrent_generations_on_the_engine(family: Family, arch_dir: pathlib.
     finally:
         engine.close()
         llm.close()
+
+
+@pytest.mark.parametrize("arch", ["rwkv7", "qwen35", "mamba2"])
+def test_the_probe_decodes_on_the_instance_threads(arch: str, tiny_dir: pathlib.Path) -> None:
+    """A model that stock decodes with n_threads=1 loads with MoI too: the probe uses the instance's
+    threads, not its own (a tiny rwkv7 crashed with SIGSEGV while probed on 2 threads). In a
+    process of its own, so that a crash fails the test instead of ending the run."""
+    path = write_recurrent_model(tiny_dir / f"threads-{arch}.gguf", arch, seed=3)
+    script = (
+        "import itertools, sys, llama_cpp, pymoi_cpp\n"
+        "settings = dict(n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False)\n"
+        "def greedy(llm): return list(itertools.islice(llm.generate([1, 17, 42, 99, 5], temp=0.0), 12))\n"
+        "stock = greedy(llama_cpp.Llama(sys.argv[1], **settings))\n"
+        "print(greedy(pymoi_cpp.Llama(sys.argv[1], beta=1e30, **settings)) == stock)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300, cwd=tiny_dir
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "True"
