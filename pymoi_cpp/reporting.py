@@ -77,5 +77,7 @@ def pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install 'pymoi-cpp[bench]'") from None
+        from .console import install_hint
+
+        raise RuntimeError(f"--plot needs matplotlib: {install_hint('bench')}") from None
     return plt

@@ -5,7 +5,8 @@ Engine (continuous batching, up to --parallel at once, a bounded queue beyond, 5
 is full), each with its own `beta` / `moi_top_k`, sampler, seed, grammar and stops; `n` > 1
 takes n sequences; errors are 4xx before a stream starts. The models and tokenizer routes are
 llama-cpp-python's own, served from the same app.
-Every error is an OpenAI-style JSON body: {"error": {"message", "type", "param", "code"}}.
+Every error is an OpenAI-style JSON body: {"error": {"message", "type", "param", "code"}}, whatever
+raised it, and the connection stays open for the client's next request.
 Needs the `server` extra (FastAPI, uvicorn, sse-starlette).
 """
 
@@ -15,13 +16,16 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import random
+import re
 import signal
 import socket
 import threading
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 import anyio
+import llama_cpp
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -44,6 +48,8 @@ from .mixing import validate_beta, validate_top_k
 # llama-cpp-python's routes that pymoi serves unchanged; they do not touch the context.
 SHARED_ROUTES = ("/v1/models", "/extras/tokenize", "/extras/tokenize/count", "/extras/detokenize")
 
+logger = logging.getLogger("uvicorn.error")  # where uvicorn reports its own errors
+
 
 class RequestError(HTTPException):
     """A request the server refuses, answered as an OpenAI-style JSON error.
@@ -64,9 +70,14 @@ def error_body(message: str, *, param: Optional[str] = None, code: Optional[str]
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+# llama-cpp-python's own context check, which names llama.cpp's whole context (every sequence's together).
+_REQUESTED_TOKENS = re.compile(r"Requested tokens \((\d+)\) exceed context window of \d+")
+
+
 @contextlib.contextmanager
-def client_errors(param: Optional[str] = None) -> Iterator[None]:
-    """Turns the ValueErrors of argument checks into 400 responses, and a full queue or a stopping engine into 503."""
+def client_errors(param: Optional[str] = None, sequence: Optional["SequenceSize"] = None) -> Iterator[None]:
+    """Turns the ValueErrors of argument checks into 400 responses, and a full queue or a stopping engine into 503.
+    A prompt too long for the context names `sequence`'s size, the one that applies."""
     try:
         yield
     except EngineBusy as error:
@@ -76,9 +87,29 @@ def client_errors(param: Optional[str] = None) -> Iterator[None]:
     except ValueError as error:
         message = str(error)
         too_long = "context window" in message
+        if too_long and sequence is not None:
+            message = sequence.explain(message)
         raise RequestError(
             400, message, param=param or ("prompt" if too_long else None), code="context_length_exceeded" if too_long else None
         ) from None
+
+
+class SequenceSize:
+    """The context one request has: llama.cpp's context is divided among the server's --parallel sequences."""
+
+    def __init__(self, llm: Llama) -> None:
+        self.tokens = llm._context_limit
+        self.sequences = llm.n_seq_max
+        self.total = llama_cpp.llama_n_ctx(llm.ctx)
+
+    def explain(self, message: str) -> str:
+        """A context error's message with the per-sequence size (llama-cpp-python's check names the whole context)."""
+        message = _REQUESTED_TOKENS.sub(lambda found: f"Requested tokens ({found.group(1)}) exceed context window of {self.tokens}", message)
+        if self.sequences > 1:
+            share = f"--ctx {self.total} shared by --parallel {self.sequences} sequences"
+        else:
+            share = f"--ctx {self.total}, one sequence"
+        return f"{message} ({self.tokens} tokens per sequence: {share}; a larger --ctx gives each more)"
 
 
 class StreamOptions(BaseModel):
@@ -93,6 +124,12 @@ class MoiFields(BaseModel):
         "decoding; absent: the server's --beta.",
     )
     moi_top_k: Optional[int] = Field(default=None, ge=1, description="Candidate tokens in each mixture; absent: the server's --moi-top-k.")
+    cache_prompt: Optional[bool] = Field(
+        default=None,
+        description="Reuse the KV cells an earlier prompt that starts alike left (llama-server's field); false reads the "
+        "prompt from scratch, so that a greedy answer is the same whatever ran before; absent: true unless the server "
+        "runs with --no-cache-prompt.",
+    )
 
 
 class CompletionRequest(CreateCompletionRequest, MoiFields):
@@ -115,17 +152,24 @@ class ServedModel:
     """
 
     def __init__(
-        self, llm: Llama, alias: str, *, max_waiting: int = 16, engine_thread: bool = True, settle_replies: bool = True
+        self, llm: Llama, alias: str, *, max_waiting: int = 16, engine_thread: bool = True, settle_replies: bool = True,
+        cache_prompt: bool = True,
     ) -> None:
         """engine_thread=False: the engine steps only when run() serves the app, on the main thread.
-        settle_replies: see Engine."""
+        settle_replies: see Engine. cache_prompt: the default of the requests' field."""
         self.llm = llm
         self.alias = alias
-        self.engine: Optional[Engine] = (
-            None
-            if llm.moi_refusal is not None
-            else Engine(llm, max_waiting=max_waiting, own_thread=engine_thread, settle_replies=settle_replies)
-        )
+        self.cache_prompt = cache_prompt
+        self.sequence = SequenceSize(llm)
+        self.engine: Optional[Engine] = None
+        if llm.moi_refusal is None:
+            try:
+                self.engine = Engine(llm, max_waiting=max_waiting, own_thread=engine_thread, settle_replies=settle_replies)
+            except ValueError:
+                # A model loaded with beta=None is probed when the engine opens its session: a refusal then
+                # means ordinary decoding, one request at a time.
+                if llm.moi_refusal is None:
+                    raise
         self.alone = anyio.Lock()
         self.running: Optional[threading.Event] = None  # the generation in progress without an engine
 
@@ -162,7 +206,9 @@ class ServedModel:
             top_k = validate_top_k(top_k, self.llm.n_vocab())
         return {"beta": beta, "moi_top_k": top_k}
 
-    def choice_models(self, moi: dict[str, Any], n: int, seed: Optional[int], logprobs: bool, client_left: threading.Event) -> list[Any]:
+    def choice_models(
+        self, moi: dict[str, Any], n: int, seed: Optional[int], logprobs: bool, client_left: threading.Event, cache_prompt: bool
+    ) -> list[Any]:
         """One view of the model per choice, choice i seeded seed + i (a random seed when none is given)."""
         if self.engine is None:
             if moi["beta"] is not None:
@@ -172,7 +218,7 @@ class ServedModel:
         return [
             EngineModel(
                 self.engine, beta=moi["beta"], moi_top_k=moi["moi_top_k"], seed=(base + index) & 0xFFFFFFFF,
-                keep_logits=logprobs, interrupt=client_left,
+                keep_logits=logprobs, interrupt=client_left, cache_prompt=cache_prompt,
             )
             for index in range(n)
         ]
@@ -193,6 +239,7 @@ class ServedModel:
         if n > 1 and body.stream:
             raise RequestError(400, "stream cannot be combined with n > 1", param="stream")
         kwargs["model"] = self.alias
+        cache_prompt = self.cache_prompt if body.cache_prompt is None else body.cache_prompt
         with client_errors():
             llama_server.prepare_request_resources(body, self, body.model, kwargs)
         with client_errors("logit_bias"):
@@ -206,18 +253,33 @@ class ServedModel:
                 "not the prompt's; ask for one or the other", param="echo",
             )
         client_left = threading.Event()
-        models = self.choice_models(moi, n, seed, logprobs, client_left)
+        models = self.choice_models(moi, n, seed, logprobs, client_left, cache_prompt)
 
-        def generate(model: Any) -> Any:
+        def run(model: Any) -> Any:
             if isinstance(model, EngineModel):
                 model.max_tokens_hint = kwargs.get("max_tokens")
-                with client_errors():
+                with client_errors(sequence=self.sequence):
                     response = getattr(model, method)(**kwargs, seed=model._seed)
                 return response if body.stream else with_cached_tokens(response, model.cached_tokens)
-            with client_errors(), model.interruptible(client_left):
+            with client_errors(sequence=self.sequence), model.interruptible(client_left):
+                if not cache_prompt:
+                    model.reset()  # the next generate() reads the whole prompt again
                 return getattr(model, method)(**kwargs, seed=seed, **moi)
 
+        def generate(model: Any) -> Any:
+            try:
+                return run(model)
+            except Exception as error:
+                if method == "create_chat_completion" and not isinstance(error, HTTPException):
+                    refusal = unrenderable_messages(self.llm, kwargs)
+                    if refusal is not None:
+                        raise refusal from None
+                raise
+
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
         if self.engine is None:
+            if body.stream:
+                return await self.stream_alone(request, lambda: generate(models[0]), moi, client_left, include_usage)
             async with self.alone:
                 self.running = client_left
                 try:
@@ -225,7 +287,7 @@ class ServedModel:
                 finally:
                     self.running = None
         if body.stream:
-            usage = models[0] if body.stream_options is not None and body.stream_options.include_usage else None
+            usage = models[0] if include_usage else None
             return await self.stream(request, lambda: generate(models[0]), moi, client_left, usage)
         if n == 1:
             return with_moi(await run_watching_departure(request, client_left, lambda: generate(models[0])), moi)
@@ -255,14 +317,14 @@ class ServedModel:
         chunks: Optional[Iterator[Any]] = None
         try:
             chunks = await run_in_threadpool(generate)
-            first = await run_watching_departure(request, client_left, lambda: next_chunk(chunks))
+            first = await run_watching_departure(request, client_left, lambda: next_chunk(chunks, self.sequence))
         except BaseException:
             client_left.set()
             with anyio.CancelScope(shield=True):
                 if chunks is not None:
                     await run_in_threadpool(chunks.close)  # type: ignore[attr-defined]
             raise
-        pump = ChunkPump(chunks) if first is not None else None
+        pump = ChunkPump(chunks, self.sequence) if first is not None else None
 
         async def events() -> AsyncIterator[str]:
             chunk, last = first, first
@@ -273,6 +335,9 @@ class ServedModel:
                     chunk = await pump.next() if pump is not None else None
             except RequestError as error:
                 yield json.dumps(error_body(str(error.detail), param=error.param, code=error.code))
+            except Exception as error:  # the stream has begun: its last event says what went wrong
+                logger.exception("a streamed generation failed")
+                yield json.dumps(error_body(f"internal error: {type(error).__name__}: {error}", kind="server_error"))
             else:
                 if usage is not None:
                     counts = usage.last_generation
@@ -288,20 +353,73 @@ class ServedModel:
 
         return ModelStream(events(), finish)
 
+    async def stream_alone(
+        self, request: Request, generate: Callable[[], Iterator[Any]], moi: dict[str, Any], client_left: threading.Event,
+        include_usage: bool,
+    ) -> "ModelStream":
+        """A stream of the model without an engine: one generation at a time, so the model is held until
+        this one's generation has ended (its client gone or its last chunk read), not only its response."""
+        await self.alone.acquire()
+        self.running = client_left
+        ended = threading.Event()
+        llm = self.llm
+
+        def chunks() -> Iterator[Any]:
+            try:
+                with llm.interruptible(client_left):
+                    yield from generate()
+            finally:
+                ended.set()
+
+        def release() -> None:
+            self.running = None
+            self.alone.release()
+
+        try:
+            response = await self.stream(request, chunks, moi, client_left, _AloneUsage(llm) if include_usage else None)
+        except BaseException:
+            release()
+            raise
+        finish = response.finish
+
+        async def finish_alone() -> None:
+            try:
+                await finish()
+                await anyio.to_thread.run_sync(ended.wait)
+            finally:
+                release()
+
+        response.finish = finish_alone
+        return response
+
+
+class _AloneUsage:
+    """A model without an engine as ServedModel.stream reads a stream's usage: none of its prompt is reported cached."""
+
+    cached_tokens = 0
+
+    def __init__(self, llm: Llama) -> None:
+        self._llm = llm
+
+    @property
+    def last_generation(self) -> Any:
+        return self._llm.last_generation
+
 
 class ChunkPump:
     """Reads a streamed completion's chunks on a thread of its own and hands them to the event
     loop as they come: one thread per stream, not one hop into a worker thread per token."""
 
-    def __init__(self, chunks: Iterator[Any]) -> None:
+    def __init__(self, chunks: Iterator[Any], sequence: Optional[SequenceSize] = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._arrived: "asyncio.Queue[Any]" = asyncio.Queue()
+        self._sequence = sequence
         threading.Thread(target=self._pump, args=(chunks,), name="pymoi-stream", daemon=True).start()
 
     def _pump(self, chunks: Iterator[Any]) -> None:
         ending: Optional[Exception] = None
         try:
-            with client_errors():
+            with client_errors(sequence=self._sequence):
                 for chunk in chunks:
                     self._hand_over(chunk)
         except Exception as error:
@@ -320,6 +438,69 @@ class ChunkPump:
         if isinstance(item, BaseException):
             raise item
         return item
+
+
+class _Rendered(Exception):
+    """The chat template has rendered the messages (raised where the prompt would be tokenized)."""
+
+
+class _RenderOnly:
+    """The model as llama_cpp.Llama.create_chat_completion sees it, stopping once the chat format has rendered."""
+
+    create_chat_completion = llama_cpp.Llama.create_chat_completion
+
+    def __init__(self, llm: Llama) -> None:
+        self._llm = llm
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+    def tokenize(self, *args: Any, **kwargs: Any) -> list[int]:
+        raise _Rendered
+
+
+def render_error(llm: Llama, messages: list[Any], template_fields: dict[str, Any]) -> Optional[Exception]:
+    """What the model's chat format raises on `messages`, or None when it renders them."""
+    try:
+        _RenderOnly(llm).create_chat_completion(messages=messages, **template_fields)
+    except _Rendered:
+        return None
+    except Exception as error:
+        return error
+    return None
+
+
+# Renderings tried to find the message a chat template stumbles on.
+RENDER_TRIES = 64
+
+
+def unrenderable_messages(llm: Llama, kwargs: dict[str, Any]) -> Optional[RequestError]:
+    """A 400 naming the message that the model's chat format cannot render, when that is why a chat failed;
+    None when the messages render (the failure was the server's)."""
+    messages = list(kwargs.get("messages") or [])
+    fields = {name: kwargs[name] for name in ("functions", "function_call", "tools", "tool_choice") if kwargs.get(name) is not None}
+    error = render_error(llm, messages, fields)
+    if error is None:
+        return None
+    # The message after the longest start of the conversation that renders.
+    index: Optional[int] = 0
+    for tries, length in enumerate(range(len(messages) - 1, 0, -1)):
+        if tries == RENDER_TRIES:
+            index = None
+            break
+        if render_error(llm, messages[:length], fields) is None:
+            index = length
+            break
+    reason = f"{type(error).__name__}: {error}"
+    if index is None or index >= len(messages):
+        return RequestError(400, f"the model's chat template cannot render these messages ({reason})", param="messages")
+    message = messages[index] if isinstance(messages[index], dict) else {}
+    what = f"role '{message.get('role')}'"
+    if message.get("tool_calls") and not message.get("content"):
+        what += ', with tool_calls and no content; this template needs a content string, e.g. "content": ""'
+    return RequestError(
+        400, f"the model's chat template cannot render messages[{index}] ({what}): {reason}", param=f"messages.[{index}]"
+    )
 
 
 def with_cached_tokens(response: dict[str, Any], cached: int) -> dict[str, Any]:
@@ -364,8 +545,8 @@ async def run_watching_departure(request: Request, client_left: threading.Event,
     return result
 
 
-def next_chunk(chunks: Iterator[Any]) -> Any:
-    with client_errors():
+def next_chunk(chunks: Iterator[Any], sequence: Optional[SequenceSize] = None) -> Any:
+    with client_errors(sequence=sequence):
         return next(chunks, None)
 
 
@@ -384,14 +565,14 @@ class ModelStream(EventSourceResponse):
 
     def __init__(self, events: AsyncIterator[str], finish: Callable[[], Any]) -> None:
         super().__init__(events, sep="\n")
-        self._finish = finish
+        self.finish = finish
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             with anyio.CancelScope(shield=True):
-                await self._finish()
+                await self.finish()
 
 
 router = APIRouter()
@@ -419,13 +600,13 @@ async def create_completion(request: Request, body: CompletionRequest) -> Any:
         if len(body.prompt) > 1:
             raise RequestError(400, "one prompt per request; ask for several choices of it with n", param="prompt")
         body.prompt = body.prompt[0] if body.prompt else ""
-    kwargs = body.model_dump(exclude={"n", "best_of", "logit_bias_type", "user", "min_tokens", "beta", "moi_top_k", "stream_options"})
+    kwargs = body.model_dump(exclude={"n", "best_of", "logit_bias_type", "user", "min_tokens", *MoiFields.model_fields})
     return await served(request).respond(request, body, kwargs, "create_completion")
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(authenticate)], summary="Chat (MoI)")
 async def create_chat_completion(request: Request, body: ChatCompletionRequest) -> Any:
-    kwargs = body.model_dump(exclude={"n", "logit_bias_type", "user", "min_tokens", "beta", "moi_top_k", "stream_options"})
+    kwargs = body.model_dump(exclude={"n", "logit_bias_type", "user", "min_tokens", *MoiFields.model_fields})
     return await served(request).respond(request, body, kwargs, "create_chat_completion")
 
 
@@ -470,8 +651,39 @@ def shared_routes() -> APIRouter:
     return shared
 
 
+def server_error_body(error: BaseException) -> dict[str, Any]:
+    return error_body(f"internal error: {type(error).__name__}: {error}", kind="server_error")
+
+
 async def server_error(request: Request, error: Exception) -> JSONResponse:
-    return JSONResponse(error_body(f"internal error: {error}", kind="server_error"), status_code=500)
+    return JSONResponse(server_error_body(error), status_code=500)
+
+
+class ErrorsAsJson:
+    """Answers an exception that no handler turned into a response with a 500 in OpenAI's shape, and keeps the
+    connection: Starlette's own last-resort handler raises the exception again after its response, and uvicorn
+    then closes the connection, so a client's next request on it fails."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as error:
+            logger.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            if not started:  # otherwise the response is cut short, and uvicorn closes the connection
+                await JSONResponse(server_error_body(error), status_code=500)(scope, receive, send)
 
 
 class BodyLimit:
@@ -521,6 +733,7 @@ def create_app(model: ServedModel, api_key: Optional[str] = None, max_body: int 
     app = FastAPI(title="pymoi-cpp", version=__version__)
     app.state.served = model
     app.state.api_key = api_key
+    app.add_middleware(ErrorsAsJson)  # the innermost: CORS and the body limit wrap its answers too
     app.add_middleware(BodyLimit, limit=max_body)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"], allow_headers=["*"])
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -25,6 +26,7 @@ def test_bench_writes_every_field(smollm2_path: str, tmp_path: pathlib.Path) -> 
     assert data["model"] == smollm2_path
     assert {"platform", "processor", "cpu_count", "gpu_offload"} <= set(data["machine"])
     assert data["settings"]["tokens"] == 4 and data["settings"]["rounds"] == 2 and data["settings"]["batch_sizes"] == [1, 2]
+    assert data["settings"]["seed"] == 1  # the seed every run sampled with
     names = [row["name"] for row in data["configurations"]]
     assert names == [
         "raw llama_decode",
@@ -70,3 +72,18 @@ def test_bench_bad_arguments(tmp_path: pathlib.Path) -> None:
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
     result = subprocess.run([str(PYMOI), "bench", "--batch-sizes", "4,x"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "batch sizes" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["bench", "MODEL"], ["eval", "countdown", "MODEL", "--problems", "2"]], ids=["bench", "eval"])
+def test_plot_without_matplotlib_fails_before_any_work(smollm2_path: str, tmp_path: pathlib.Path, command: list[str]) -> None:
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'matplotlib'\", name='matplotlib')\n")
+    arguments = [smollm2_path if argument == "MODEL" else argument for argument in command]
+    result = subprocess.run(
+        [str(PYMOI), *arguments, "--plot", str(tmp_path / "chart.png")], capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+    )
+    assert result.returncode == 1
+    # One line, and no progress line, table or load line before it: nothing was measured.
+    assert result.stderr.count("\n") == 1 and "--plot needs matplotlib" in result.stderr, result.stderr
+    assert result.stdout == "" and not (tmp_path / "chart.png").exists()

