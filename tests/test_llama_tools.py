@@ -378,6 +378,82 @@ def test_sliding_window_model_survives_a_follow_up_after_a_long_moi_reply(
         server.stop()
 
 
+def two_turns(server: Server, prompt: list[int], new: list[int], n_predict: int, **fields: Any) -> tuple[list[int], dict[str, Any]]:
+    """Two greedy turns of a chat on slot 0: `prompt` (a reply of `n_predict` tokens), then `prompt`, that
+    reply and `new` (8 tokens). Returns the first reply and the second response."""
+    body = server.greedy(prompt, {"n_predict": n_predict, "id_slot": 0, "cache_prompt": True, **fields})
+    status, first = server.post("/completion", body)
+    assert status == 200, first
+    status, second = server.post("/completion", {**body, "prompt": prompt + first["tokens"] + new, "n_predict": 8})
+    assert status == 200, second
+    return first["tokens"], second
+
+
+@pytest.fixture(scope="module")
+def hybrid_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from tiny_recurrent_models import write_recurrent_model
+
+    return str(write_recurrent_model(tmp_path_factory.mktemp("hybrid") / "qwen35.gguf", "qwen35", seed=7))
+
+
+def test_moi_chat_on_a_hybrid_model_evaluates_only_the_new_tokens(tools: dict[str, pathlib.Path], hybrid_path: str) -> None:
+    # Qwen3.5's recurrent layers cannot drop the mixed reply: the slot goes back to a checkpoint of its prompt
+    prompt, new = [1, *range(10, 60)], [70, 71, 72, 73, 74]
+    stock = Server(tools["llama-server-stock"], hybrid_path)
+    try:
+        stock_reply, stock_second = two_turns(stock, prompt, new, 16)
+        assert stock_second["tokens"] == stock.complete(prompt + stock_reply + new, id_slot=1, n_predict=8)
+    finally:
+        stock.stop()
+    # the unpatched server keeps the reply: it evaluates the reply's last token (sampled, never decoded) and the new ones
+    assert stock_second["timings"]["prompt_n"] == 1 + len(new)
+
+    server = Server(tools["llama-server"], hybrid_path)
+    try:
+        reply, second = two_turns(server, prompt, new, 16, moi_beta=1, moi_top_k=1)
+        assert reply == stock_reply
+        assert second["tokens"] == stock_second["tokens"]
+        assert (second["timings"]["cache_n"], second["timings"]["prompt_n"]) == (len(prompt), len(reply) + len(new))
+
+        # a mixture that changes the reply, in another conversation on the same slot
+        other = [1, *range(100, 150)]
+        reply, second = two_turns(server, other, new, 16, moi_beta=1)
+        assert (second["timings"]["cache_n"], second["timings"]["prompt_n"]) == (len(other), len(reply) + len(new))
+        assert second["tokens"] == server.complete(other + reply + new, id_slot=1, n_predict=8, moi_beta=1)
+    finally:
+        server.stop()
+
+
+def test_moi_chat_on_a_sliding_window_model_reuses_the_prompt(tools: dict[str, pathlib.Path], gemma3_path: str) -> None:
+    import llama_cpp
+
+    # Gemma 3's window is 512; with -ub 64 its cache holds 768 cells, all of which an 800-token reply
+    # overwrites: nothing of the prompt is left in it but the slot's checkpoint
+    vocab = llama_cpp.Llama(gemma3_path, n_ctx=512, verbose=False, vocab_only=True)
+    prompt = vocab.tokenize(long_prompt(60).encode(), add_bos=True, special=False)
+    new = vocab.tokenize(b" The end.", add_bos=False, special=False)
+    flags = ("-c", "2048", "-np", "1", "-ub", "64")
+    stock = Server(tools["llama-server-stock"], gemma3_path, *flags)
+    try:
+        stock_reply, stock_second = two_turns(stock, prompt, new, 800)
+    finally:
+        stock.stop()
+    assert stock_second["timings"]["prompt_n"] == 1 + len(new)
+
+    server = Server(tools["llama-server"], gemma3_path, *flags)
+    try:
+        reply, second = two_turns(server, prompt, new, 800, moi_beta=1, moi_top_k=1)
+        assert reply == stock_reply
+        assert second["tokens"] == stock_second["tokens"]
+        # llama-server's reuse check (pos_min >= max(0, pos_next - n_swa)) counts a cache that starts where
+        # the window does as incomplete and resumes from its own checkpoint, 4 tokens before the prompt's end
+        cache_n = second["timings"]["cache_n"]
+        assert len(prompt) - 5 <= cache_n <= len(prompt)
+        assert second["timings"]["prompt_n"] == len(prompt) - cache_n + len(reply) + len(new)
+    finally:
+        server.stop()
+
+
 def test_n_choices_beside_a_generating_moi_slot(tools: dict[str, pathlib.Path], smollm2_path: str) -> None:
     server = Server(tools["llama-server"], smollm2_path, "-np", "3")
     try:
