@@ -23,17 +23,22 @@ from tiny_recurrent_models import write_recurrent_model
 N_REPLY = 24
 
 
-def counting_eval(llm: llama_cpp.Llama) -> list[int]:
-    """Makes `llm` record how many tokens each eval() call evaluates; returns that record."""
-    counts: list[int] = []
+def recorded_eval(llm: llama_cpp.Llama, describe: Callable[[list[int]], Any]) -> list[Any]:
+    """Makes `llm` record describe(tokens) of each eval() call; returns that record."""
+    record: list[Any] = []
     evaluate = llm.eval
 
-    def eval_counted(tokens: Any) -> None:
-        counts.append(len(tokens))
+    def eval_recorded(tokens: Any) -> None:
+        record.append(describe(list(tokens)))
         evaluate(tokens)
 
-    llm.eval = eval_counted  # type: ignore[method-assign]
-    return counts
+    llm.eval = eval_recorded  # type: ignore[method-assign]
+    return record
+
+
+def counting_eval(llm: llama_cpp.Llama) -> list[int]:
+    """Makes `llm` record how many tokens each eval() call evaluates; returns that record."""
+    return recorded_eval(llm, len)
 
 
 def greedy(llm: llama_cpp.Llama, prompt: list[int], n: int = N_REPLY, **kwargs: Any) -> list[int]:
@@ -136,19 +141,6 @@ def third_turn(llm: llama_cpp.Llama, model: str, settle: bool) -> tuple[list[int
     return prompt, reply
 
 
-def recording_eval(llm: llama_cpp.Llama) -> list[list[int]]:
-    """Makes `llm` record the tokens of each eval() call; returns that record."""
-    pieces: list[list[int]] = []
-    evaluate = llm.eval
-
-    def eval_recorded(tokens: Any) -> None:
-        pieces.append(list(tokens))
-        evaluate(tokens)
-
-    llm.eval = eval_recorded  # type: ignore[method-assign]
-    return pieces
-
-
 @pytest.mark.parametrize("settle", [False, True], ids=["unsettled", "settled"])
 @pytest.mark.parametrize("model", CHAT_MODELS)
 def test_a_turn_after_a_restored_prompt_equals_a_fresh_instance(model: str, settle: bool, request: pytest.FixtureRequest) -> None:
@@ -158,7 +150,7 @@ def test_a_turn_after_a_restored_prompt_equals_a_fresh_instance(model: str, sett
     instance given the whole conversation at once, wherever stock's own reuse equals that."""
     llm = open_chat_model(model, request, beta=1.0)
     try:
-        pieces = recording_eval(llm)
+        pieces = recorded_eval(llm, list)
         prompt, reused = third_turn(llm, model, settle)
     finally:
         llm.close()
