@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
 
 from pymoi_cpp.default_model import default_model_path
+
+# tests/vulkan needs llama-cpp-python built with the Vulkan backend: scripts/vulkan-tests.sh
+# runs it, in the environment scripts/vulkan-env.sh builds, and sets this variable.
+if os.environ.get("PYMOI_TEST_VULKAN") != "1":
+    collect_ignore = ["vulkan"]
 
 
 @pytest.fixture(scope="session")
