@@ -10,4 +10,5 @@ venv="${PYMOI_VULKAN_VENV:-$root/.venv-vulkan}"
 . "$venv/vulkan-build.env"   # CMAKE_ARGS for the Vulkan build of the patched llama-server
 export GGML_VK_VISIBLE_DEVICES="${GGML_VK_VISIBLE_DEVICES:-0}" PYMOI_TEST_VULKAN=1
 cd "$root"
-pytest tests/vulkan -p no:cacheprovider "$@"
+[[ " $* " == *" tests/"* ]] || set -- tests/vulkan "$@"   # the whole suite unless paths are given
+pytest -p no:cacheprovider "$@"

@@ -4,7 +4,8 @@ backend that does not promise bitwise rounding.
 On the CPU one-hot MoI (moi_top_k=1, greedy) equals stock decoding bitwise. On a GPU backend the
 token path and the embedding path may round differently, so the oracle compares logits within a
 tolerance taken from the backend itself: how far two token-path runs of the same tokens drift
-apart when only the batching of the prompt changes (whole, then one token at a time). MoI's
+apart when only the batching changes (the prompt read whole or one token at a time; several
+sequences decoded in one batch or each alone, since a batch of rows runs other kernels). MoI's
 logits must stay within that spread of stock's at every step, and its tokens must equal stock's
 at every step until the first one whose top two stock logits are closer than the spread (a near
 tie that either path may break either way; after it the two histories may differ).
@@ -78,6 +79,36 @@ def token_path_spread(path: str, stock: GreedyRun, prompt: Sequence[int], **mode
     """The backend's own spread: the largest logit difference between `stock` and the same tokens
     decoded with the prompt read one token at a time."""
     return float(np.abs(stock.logits - stepwise_logits(path, prompt, stock.tokens, **model_kwargs)).max())
+
+
+def batched_token_path_spread(path: str, prompts: Sequence[Sequence[int]], alone: Sequence[GreedyRun], **model_kwargs: Any) -> float:
+    """The backend's spread for batching: the largest logit difference between each run in `alone` and
+    the same tokens decoded as token ids with every sequence in one batch, a row per sequence a step."""
+    import pymoi_cpp  # a context with one KV sequence per prompt; decoded here through llama.cpp directly
+
+    n_seq = len(prompts)
+    llm = pymoi_cpp.Llama(path, beta=None, n_seq_max=n_seq, n_ctx=512 * n_seq, verbose=False, **model_kwargs)
+    batch = llama_cpp.llama_batch_init(sum(map(len, prompts)), 0, 1)
+    spread = 0.0
+    try:
+        n_steps = min(len(run.tokens) for run in alone)
+        for step in range(n_steps):
+            rows = [(seq, token, pos) for seq, prompt in enumerate(prompts) for pos, token in enumerate(prompt)] if step == 0 else [
+                (seq, alone[seq].tokens[step - 1], len(prompt) + step - 1) for seq, prompt in enumerate(prompts)
+            ]
+            last_row = {seq: index for index, (seq, _, _) in enumerate(rows)}
+            for index, (seq, token, pos) in enumerate(rows):
+                batch.token[index], batch.pos[index], batch.n_seq_id[index] = token, pos, 1
+                batch.seq_id[index][0], batch.logits[index] = seq, last_row[seq] == index
+            batch.n_tokens = len(rows)
+            assert llama_cpp.llama_decode(llm._ctx.ctx, batch) == 0
+            for seq, index in last_row.items():
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, index), shape=(llm.n_vocab(),))
+                spread = max(spread, float(np.abs(logits - alone[seq].logits[step]).max()))
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llm.close()
+    return spread
 
 
 def decided_steps(gaps: np.ndarray, tolerance: float) -> int:
