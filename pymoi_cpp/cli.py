@@ -34,6 +34,7 @@ examples:
   pymoi serve --port 8000                 OpenAI-compatible server, MoI per request
   pymoi build-llama-tools                 llama.cpp's llama-server and llama-cli with --moi-beta
   pymoi eval countdown --problems 64      does MoI help on this model? (generated tasks)
+  pymoi eval problems.jsonl model.gguf    ... on your own problems (question, answer, choices)
   echo "2+2=" | pymoi generate --json     prompt from stdin, JSON result
   pymoi setup                             MoI for every llama_cpp.Llama when MIXINPUTS_BETA is set
 """
@@ -89,6 +90,15 @@ def batch_sizes(text: str) -> tuple[int, ...]:
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be at least 1: '{text}'")
     return sizes
+
+
+def task_or_file(text: str) -> str:
+    """pymoi eval's TASK: a generated task's name, or the path of a problem file ending in .jsonl."""
+    from .evaluation import TASKS
+
+    if text in TASKS or text.lower().endswith(".jsonl"):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice: '{text}' (choose {' or '.join(TASKS)}, or give a FILE.jsonl)")
 
 
 def default_threads() -> int:
@@ -226,15 +236,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest request body in MiB; larger ones are answered 413 (default 16)",
     )
     evaluate = commands.add_parser(
-        "eval", help="does MoI help on this model? generated tasks, several betas, same problems and seeds",
+        "eval", help="does MoI help on this model? generated tasks or your own problems, several betas, same problems and seeds",
         description="Runs a generated task (countdown: reach a target with four numbers and + - * /; arithmetic: "
-        "multi-step word problems) under each beta, with the same problems and seeds, batched. Prints accuracy with a "
-        "95% interval, the paired comparison with ordinary decoding (McNemar's exact test), mean tokens and tokens/s. "
-        "Ctrl-C stops and reports what is done.",
+        "multi-step word problems) or the problems of a FILE.jsonl (one JSON object a line: \"question\", \"answer\", "
+        "optional \"choices\"; free-form answers are checked with math-verify, multiple choice by the letter) under each "
+        "beta, with the same problems and seeds, batched. Prints accuracy with a 95% interval, the paired comparison with "
+        "ordinary decoding (McNemar's exact test), mean tokens and tokens/s. Ctrl-C stops and reports what is done.",
     )
-    evaluate.add_argument("task", choices=("countdown", "arithmetic"), help="the generated task")
+    evaluate.add_argument(
+        "task", metavar="TASK|FILE.jsonl", type=task_or_file, help="a generated task (countdown, arithmetic) or a file of your own problems",
+    )
     evaluate.add_argument("model", nargs="?", help="GGUF model file (default: the embedded SmolLM2-135M-Instruct)")
-    evaluate.add_argument("--problems", metavar="N", type=positive_int, default=128, help="problems (default 128)")
+    evaluate.add_argument(
+        "--problems", metavar="N", type=positive_int, default=None,
+        help="problems (default 128; of a FILE.jsonl, the first N, default all)",
+    )
+    evaluate.add_argument(
+        "--template", metavar="TEXT", default=None,
+        help="FILE.jsonl only: the user message, with {question} and {choices} (the lines 'A. ...', 'B. ...') filled in "
+        "(default: the question, then the choices, and a request for the answer in \\boxed{} or as 'Answer: X')",
+    )
+    evaluate.add_argument("--system", metavar="TEXT", default=None, help="a system message before each problem (default none)")
     evaluate.add_argument(
         "--betas", metavar="LIST", default="none,0.5,1,2,direct",
         help="configurations: numbers >= 0, 'none' (ordinary decoding, the reference), 'direct' (default none,0.5,1,2,direct)",
@@ -488,12 +510,36 @@ def run_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# Room for the longest generated prompt in each sequence's context, besides --max-tokens.
+# Room in each sequence's context, besides --max-tokens, for the longest generated prompt, or for what the chat
+# template adds around a problem file's messages.
 EVAL_PROMPT_ROOM = 512
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def eval_task(args: argparse.Namespace) -> tuple[Any, int, int]:
+    """pymoi eval's task, how many of its problems to run and the longest message in UTF-8 bytes (0 for a
+    generated task, whose prompts fit EVAL_PROMPT_ROOM); CommandError for a problem file that cannot be used."""
     from .evaluation import TASKS
+    from .evaluation.problem_file import file_task
+
+    if args.task in TASKS:
+        if args.template is not None:
+            raise CommandError("--template is for a FILE.jsonl task; a generated task writes its own questions", EXIT_USAGE)
+        return TASKS[args.task], args.problems or 128, 0
+    try:
+        task = file_task(args.task, args.template)
+    except FileNotFoundError:
+        raise CommandError(f"problem file '{args.task}' does not exist", EXIT_USAGE) from None
+    except ValueError as error:
+        raise CommandError(str(error), EXIT_USAGE) from None
+    except RuntimeError as error:
+        raise CommandError(str(error)) from None
+    problems = task.generate(args.problems or sys.maxsize, args.seed)
+    return task, len(problems), max(len(problem.message.encode("utf-8")) for problem in problems)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from jinja2 import TemplateError
+
     from .evaluation.runner import Evaluation, Settings, format_table, parse_configurations, plot
     from .reporting import Progress, pyplot
 
@@ -508,17 +554,24 @@ def run_eval(args: argparse.Namespace) -> int:
         raise CommandError(f"--betas: {error}", EXIT_USAGE) from None
     if not 0 < args.top_p <= 1 or args.temp < 0:
         raise CommandError("--temp must be >= 0 and --top-p in (0, 1]", EXIT_USAGE)
+    task, problems, longest_message = eval_task(args)
     settings = Settings(
-        problems=args.problems, samples=args.samples, seed=args.seed, max_tokens=args.max_tokens,
-        temperature=args.temp, top_p=args.top_p, parallel=min(args.parallel, args.problems),
+        problems=problems, samples=args.samples, seed=args.seed, max_tokens=args.max_tokens,
+        temperature=args.temp, top_p=args.top_p, parallel=min(args.parallel, problems),
     )
-    # load_model's flags, for a context of `parallel` sequences.
-    args.beta, args.no_moi, args.ctx = 1.0, False, settings.parallel * (settings.max_tokens + EVAL_PROMPT_ROOM)
+    # load_model's flags, for a context of `parallel` sequences. A token is at least one byte of the text
+    # (the system message's and the problem's), so these bytes bound what a file's prompt adds to the room.
+    system_bytes = len(args.system.encode("utf-8")) if args.system else 0
+    prompt_room = EVAL_PROMPT_ROOM + system_bytes + longest_message
+    args.beta, args.no_moi, args.ctx = 1.0, False, settings.parallel * (settings.max_tokens + prompt_room)
     status = Status(sys.stderr, args.quiet)
     llm = load_model(args, status)
     try:
-        evaluation = Evaluation(llm, TASKS[args.task], settings, configurations)
-        progress = None if args.quiet else Progress("eval", "replies", len(configurations) * args.problems * args.samples)
+        try:
+            evaluation = Evaluation(llm, task, settings, configurations, system=args.system)
+        except TemplateError as error:
+            raise CommandError(f"the model's chat template cannot render the prompt: {error}", EXIT_USAGE) from None
+        progress = None if args.quiet else Progress("eval", "replies", len(configurations) * problems * args.samples)
         try:
             evaluation.run(progress)
         except ValueError as error:
@@ -527,7 +580,7 @@ def run_eval(args: argparse.Namespace) -> int:
     finally:
         llm.close()
     if evaluation.interrupted:
-        status.line(f"interrupted: {len(evaluation.records) // len(configurations)} of {args.problems * args.samples} problems done")
+        status.line(f"interrupted: {len(evaluation.records) // len(configurations)} of {problems * args.samples} problems done")
     print(format_table(result["configurations"]))
     if args.out:
         with open(args.out, "w") as out:

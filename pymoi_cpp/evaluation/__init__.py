@@ -1,6 +1,6 @@
-"""Generated evaluation tasks for `pymoi eval`: problems, answer verifiers and statistics."""
+"""Evaluation tasks for `pymoi eval`: generated ones and problem files, answer verifiers and statistics."""
 
 from . import arithmetic, countdown
-from .problems import Task
+from .problems import Problem, Task
 
-TASKS: dict[str, Task] = {task.name: task for task in (countdown.TASK, arithmetic.TASK)}
+TASKS: dict[str, Task[Problem]] = {task.name: task for task in (countdown.TASK, arithmetic.TASK)}

@@ -7,7 +7,7 @@ import dataclasses
 import operator
 import re
 from fractions import Fraction
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Generic, Optional, Protocol, TypeVar
 
 MAX_EXPRESSION_LENGTH = 300
 
@@ -32,6 +32,11 @@ class Problem:
     numbers: tuple[int, ...]
     witness: str
 
+    @property
+    def message(self) -> str:
+        """The user message sent to the model: the question itself."""
+        return self.question
+
     def to_json(self) -> dict[str, Any]:
         """The problem as JSON-ready values."""
         fields = dataclasses.asdict(self)
@@ -39,10 +44,26 @@ class Problem:
         return fields
 
 
+class Posed(Protocol):
+    """What the evaluation needs of any problem: its place in the list, the message sent to the model and its JSON."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def message(self) -> str: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+ProblemT = TypeVar("ProblemT", bound=Posed)
+
+
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     """The grade of one reply; `reason` is "correct", "no answer", "unparsable", "not allowed",
-    "division by zero", "wrong numbers" or "wrong value"."""
+    "division by zero", "wrong numbers" or "wrong value" (generated tasks), or "correct", "no answer",
+    "unparsable" or "wrong answer" (a problem file)."""
 
     correct: bool
     reason: str
@@ -55,17 +76,17 @@ class Verdict:
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
-    """A named problem generator and the grader of replies to its problems.
+class Task(Generic[ProblemT]):
+    """A named problem source and the grader of replies to its problems.
 
-    generate(count, seed) gives problems 0..count-1, each depending only on (seed, index);
-    verify(problem, reply) grades a model's whole reply.
+    generate(count, seed) gives problems 0..count-1, each depending only on (seed, index) (a problem
+    file gives its first `count`, whatever the seed); verify(problem, reply) grades a model's whole reply.
     """
 
     name: str
     description: str
-    generate: Callable[[int, int], list[Problem]]
-    verify: Callable[[Problem, str], Verdict]
+    generate: Callable[[int, int], list[ProblemT]]
+    verify: Callable[[ProblemT, str], Verdict]
 
 
 class AnswerError(Exception):

@@ -1,4 +1,4 @@
-"""`pymoi eval`: one generated task under several betas, the same problems and seeds for each."""
+"""`pymoi eval`: one task (generated, or a problem file) under several betas, the same problems and seeds for each."""
 
 from __future__ import annotations
 
@@ -81,9 +81,10 @@ class Evaluation:
     """Runs every configuration on the same problems, batch by batch; `records` grows as they finish."""
 
     llm: Any
-    task: Task
+    task: Task[Any]
     settings: Settings
     configurations: list[Configuration]
+    system: Optional[str] = None
     records: list[Record] = dataclasses.field(default_factory=list)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     interrupted: bool = False
@@ -91,14 +92,16 @@ class Evaluation:
     def __post_init__(self) -> None:
         self.problems = self.task.generate(self.settings.problems, self.settings.seed)
         formatter = chat_formatter(self.llm)
-        self.prompts = [self.prompt_tokens(formatter, problem.question) for problem in self.problems]
+        self.prompts = [self.prompt_tokens(formatter, problem.message) for problem in self.problems]
 
-    def prompt_tokens(self, formatter: Any, question: str) -> list[int]:
-        """The question as one user turn of the model's chat template, or as plain text when it has none."""
+    def prompt_tokens(self, formatter: Any, message: str) -> list[int]:
+        """The message as the user turn of the model's chat template after the system message, if any; as plain
+        text when the model has no template (the system message, if any, then a blank line before it)."""
         if formatter is None:
-            return completion_prompt_tokens(self.llm, question)
+            return completion_prompt_tokens(self.llm, message if self.system is None else f"{self.system}\n\n{message}")
+        system = [] if self.system is None else [{"role": "system", "content": self.system}]
         # The rendered template holds its own special tokens (BOS included), as llama-cpp-python's chat handler assumes.
-        text = formatter(messages=[{"role": "user", "content": question}]).prompt
+        text = formatter(messages=system + [{"role": "user", "content": message}]).prompt
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def seed(self, problem: int, sample: int) -> int:
@@ -190,6 +193,7 @@ class Evaluation:
             "task": self.task.name,
             "model": model_path,
             "settings": dataclasses.asdict(self.settings),
+            "system": self.system,
             "interrupted": self.interrupted,
             "versions": {"pymoi_cpp": __version__, "llama_cpp": llama_cpp.__version__},
             "configurations": self.summary(),
@@ -227,7 +231,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     axes.set_ylim(0, 100)
     settings = result["settings"]
     axes.set_title(
-        f"{result['task']}, {os.path.basename(result['model'])}: {rows[0]['trials'] if rows else 0} trials, "
+        f"{os.path.basename(result['task'])}, {os.path.basename(result['model'])}: {rows[0]['trials'] if rows else 0} trials, "
         f"T {settings['temperature']:g}, top-p {settings['top_p']:g}"
     )
     figure.tight_layout()
