@@ -165,16 +165,23 @@ def generate_batch(
     return outputs
 
 
-def completion_prompt_tokens(llm: Any, prompt: Union[str, Sequence[int]]) -> list[int]:
-    """The prompt tokens llama_cpp.Llama.create_completion evaluates for `prompt` (no suffix)."""
-    if not isinstance(prompt, str):
-        return list(prompt)
+def completion_prompt_parts(llm: Any, prompt: str) -> tuple[list[int], list[int], list[int]]:
+    """The tokens llama_cpp.Llama.create_completion evaluates for a text prompt (no suffix), in three
+    parts: the special tokens the model puts before the text (BOS), the text's, and those after it."""
     model = llm._model
     start = model.token_cls() if model.token_cls() != -1 else llm.token_bos()
     bos = [start] if model.add_bos_token() and start != -1 else []
     end = model.token_sep() if model.token_sep() != -1 else llm.token_eos()
     eos = [end] if model.add_eos_token() or model.token_sep() != -1 else []
     body = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) if prompt else []
+    return bos, body, eos
+
+
+def completion_prompt_tokens(llm: Any, prompt: Union[str, Sequence[int]]) -> list[int]:
+    """The prompt tokens llama_cpp.Llama.create_completion evaluates for `prompt` (no suffix)."""
+    if not isinstance(prompt, str):
+        return list(prompt)
+    bos, body, eos = completion_prompt_parts(llm, prompt)
     return bos + body + eos
 
 

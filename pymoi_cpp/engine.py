@@ -2,10 +2,12 @@
 
 An Engine owns a NativeBatch of the model's n_seq_max sequences and a thread that steps it:
 every step is one llama_decode for all live sequences, and a generation that arrives joins at
-the next step (its prompt read in chunks between the others' tokens). Generations beyond the
-free sequences wait in a bounded queue. EngineModel is one generation's view of the model for
-llama-cpp-python's completion and chat code, so that stop strings, logprobs, grammars, logit
-bias, chat templates and tool formats work per request as in llama_cpp.Llama.
+the next step (its prompt read in chunks between the others' tokens). A prompt to score (echo with
+logprobs) takes a sequence too, and is read in chunks with logits at every position, between the
+generations' steps. Requests beyond the free sequences wait in a bounded queue. EngineModel is one
+generation's view of the model for llama-cpp-python's completion and chat code, so that stop
+strings, logprobs, grammars, logit bias, chat templates and tool formats work per request as in
+llama_cpp.Llama; its score() scores a prompt.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from llama_cpp._internals import LlamaSampler
 from .batch import NativeBatch
 from .llama import GenerationCounts, Llama, check_grammar
 from .mixing import chain_top_k
+from .teacher_forcing import ScoreReader, TeacherForcing
 
 
 class EngineBusy(RuntimeError):
@@ -43,7 +46,41 @@ _END = object()
 _SETTLE_CHUNK = 32
 
 
-class Generation:
+class Job:
+    """A request to an Engine: a prompt read into a sequence of its own, ended by the engine with _end()."""
+
+    settling = False  # see Generation
+
+    def __init__(self, prompt: Sequence[int], *, interrupt: Optional[threading.Event] = None, cache_prompt: bool = True) -> None:
+        self.prompt = list(prompt)
+        # False: the prompt is read from scratch, not after the cells of an earlier prompt that starts alike
+        # (llama-server's cache_prompt), and the job runs with no other beside it, so that it computes
+        # what it would on a fresh engine: reading a prompt in other pieces, or beside other sequences,
+        # changes llama.cpp's sums, and so can change the answer.
+        self.cache_prompt = cache_prompt
+        self.generated: list[int] = []
+        self.cached_tokens = 0  # prompt tokens whose KV cells were reused, not read again
+        self._interrupt = interrupt
+        self._cancelled = threading.Event()
+        self._out: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+
+    def cancel(self) -> None:
+        """Ends the job at the engine's next step (or drops it from the queue)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set() or self.client_left
+
+    @property
+    def client_left(self) -> bool:
+        return self._interrupt is not None and self._interrupt.is_set()
+
+    def _end(self, error: Optional[BaseException] = None) -> None:
+        self._out.put(_END if error is None else error)
+
+
+class Generation(Job):
     """One generation submitted to an Engine: its prompt, sampler and MoI settings, and the
     tokens it produces, read with tokens()."""
 
@@ -62,12 +99,7 @@ class Generation:
         settling: bool = False,
         cache_prompt: bool = True,
     ) -> None:
-        self.prompt = list(prompt)
-        # False: the prompt is read from scratch, not after the cells of an earlier prompt that starts alike
-        # (llama-server's cache_prompt), and the generation runs with no other beside it, so that it computes
-        # what it would on a fresh engine: reading a prompt in other pieces, or beside other sequences,
-        # changes llama.cpp's sums, and so can change the answer.
-        self.cache_prompt = cache_prompt
+        super().__init__(prompt, interrupt=interrupt, cache_prompt=cache_prompt)
         self.settling = settling  # the engine's own: a finished reply evaluated as tokens in idle time
         self.sampler = sampler  # a llama_cpp LlamaSampler, alive until the sequence is finished
         self.native_beta = math.inf if beta is None else beta
@@ -76,24 +108,7 @@ class Generation:
         self.max_tokens = max_tokens
         self.stop_tokens = stop_tokens
         self.keep_logits = keep_logits
-        self.generated: list[int] = []
-        self.cached_tokens = 0  # prompt tokens whose KV cells were reused, not read again
         self.logits: list[np.ndarray] = []
-        self._interrupt = interrupt
-        self._cancelled = threading.Event()
-        self._out: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-
-    def cancel(self) -> None:
-        """Ends the generation at the engine's next step (or drops it from the queue)."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set() or self.client_left
-
-    @property
-    def client_left(self) -> bool:
-        return self._interrupt is not None and self._interrupt.is_set()
 
     def tokens(self) -> Iterator[int]:
         """The generated tokens as they come, ending after a stop token (included) or max_tokens;
@@ -114,17 +129,41 @@ class Generation:
         self._out.put(token)
         return token in self.stop_tokens or len(self.generated) >= self.max_tokens
 
-    def _end(self, error: Optional[BaseException] = None) -> None:
-        self._out.put(_END if error is None else error)
+
+class Scoring(Job):
+    """A prompt scored on an Engine by teacher forcing (see teacher_forcing.TeacherForcing): read as tokens with
+    logits at every position, a chunk each engine step beside the generations, nothing fed back."""
+
+    def __init__(
+        self, forcing: TeacherForcing, *, interrupt: Optional[threading.Event] = None, cache_prompt: bool = True
+    ) -> None:
+        super().__init__(forcing.prompt, interrupt=interrupt, cache_prompt=cache_prompt)
+        self.forcing = forcing
+
+    def wait(self) -> TeacherForcing:
+        """The scores once the prompt has been read; raises the engine's error if it failed."""
+        item = self._out.get()
+        if isinstance(item, BaseException):
+            raise item
+        if not self.forcing.done:
+            raise RuntimeError("the prompt was not scored: its client left")
+        if self.forcing.sampled is not None:
+            self.generated.append(self.forcing.sampled)
+        return self.forcing
 
 
 class Engine:
     """Steps all generations of one pymoi_cpp.Llama together, on a thread of its own or, with
     own_thread=False, on the thread that calls run().
 
-    The model's n_seq_max sequences are the slots; up to `max_waiting` more generations wait in
-    arrival order, and submit() raises EngineBusy beyond that. Nothing else may use the model's
-    context while the engine runs.
+    The model's n_seq_max sequences are the slots; up to `max_waiting` more jobs wait in arrival
+    order, and submit() raises EngineBusy beyond that. Nothing else may use the model's context
+    while the engine runs.
+
+    A prompt to score (a Scoring job) takes the free slot that holds the least, empties it, and is
+    read as tokens with logits at every position: each step, after the generations' decode (which
+    reads their prompts up to n_batch rows at a time), the next chunks of the scoring prompts, oldest
+    first, up to teacher_forcing.rows_per_decode positions in all (see ScoreReader.step). It leaves nothing cached.
 
     A released slot keeps its prompt cached (its mixed positions dropped; on recurrent and hybrid
     models through a checkpoint taken when the prompt was read). When nothing else runs, the engine
@@ -156,12 +195,14 @@ class Engine:
             session, ctypes.cast(llm._ctx.ctx, ctypes.c_void_p), llm.n_seq_max, llm.n_vocab(),
             checkpoint_prompts=llm.needs_prompt_checkpoints,
         )
-        self._slots: list[Optional[Generation]] = [None] * llm.n_seq_max
+        self._reader = ScoreReader(llm._ctx.ctx, llm.n_vocab())
+        self._slots: list[Optional[Job]] = [None] * llm.n_seq_max
+        self._scoring: list[int] = []  # the slots of Scoring jobs, in the order they started
         # Per slot, the prompt tokens whose KV cells its last generation left (never positions fed a mixture).
         self._cached: list[list[int]] = [[] for _ in range(llm.n_seq_max)]
         # Per slot, the reply that followed its cached prompt, not yet evaluated as tokens.
         self._unsettled: list[list[int]] = [[] for _ in range(llm.n_seq_max)]
-        self._waiting: collections.deque[Generation] = collections.deque()
+        self._waiting: collections.deque[Job] = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
         self._thread: Optional[threading.Thread] = None
@@ -174,15 +215,15 @@ class Engine:
         return self._thread is not None
 
     def load(self) -> tuple[int, int, int]:
-        """(generations in progress, generations waiting, finished replies that idle time will settle into their slots)."""
+        """(generations and scorings in progress, those waiting, finished replies that idle time will settle into their slots)."""
         with self._wake:
             generating = sum(slot is not None and not slot.settling for slot in self._slots)
             settling = sum(slot is not None and slot.settling for slot in self._slots)
             unsettled = sum(bool(reply) for reply in self._unsettled) if self.settle_replies else 0
             return generating, len(self._waiting), settling + unsettled
 
-    def submit(self, generation: Generation) -> None:
-        """Queues a generation; EngineBusy when the queue is full, EngineClosed after close()."""
+    def submit(self, generation: Job) -> None:
+        """Queues a generation or a scoring; EngineBusy when the queue is full, EngineClosed after close()."""
         with self._wake:
             if self._closed:
                 raise EngineClosed("the server is shutting down")
@@ -207,6 +248,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
         self._batch.close()
+        self._reader.close()
         self.llm._forget_context()
 
     def run(self) -> None:
@@ -230,6 +272,7 @@ class Engine:
                 if generation is not None:
                     generation._end(ending)
             self._slots = [None] * len(self._slots)  # close() clears the context
+            self._scoring = []
             while self._waiting:
                 self._waiting.popleft()._end(ending)
 
@@ -287,16 +330,25 @@ class Engine:
             if busy and (not generation.cache_prompt or any(not other.cache_prompt for other in busy)):
                 return
             self._waiting.popleft()
-            if generation.cache_prompt:
+            if generation.cache_prompt and isinstance(generation, Generation):
                 # The free slot whose cached prompt shares the longest prefix, as llama-server picks a slot.
                 shared = {seq: Llama.longest_token_prefix(self._cached[seq], generation.prompt) for seq in free}
                 seq = max(free, key=lambda candidate: shared[candidate])
                 n_keep = min(shared[seq], len(generation.prompt) - 1)
             else:
-                # Read from scratch, in the free slot that holds the least, so that other prompts keep their cells.
+                # Read from scratch (a scoring always is), in the free slot that holds the least, so that other
+                # prompts keep their cells.
                 seq = min(free, key=lambda candidate: len(self._cached[candidate]) + len(self._unsettled[candidate]))
                 n_keep = 0
             self._cached[seq] = []
+            if isinstance(generation, Scoring):
+                self._unsettled[seq] = []
+                self._reader.clear(seq)
+                self._scoring.append(seq)
+                self._slots[seq] = generation
+                busy.append(generation)
+                continue
+            assert isinstance(generation, Generation)
             try:
                 generation.cached_tokens = self._batch.add(
                     seq, generation.sampler, generation.native_beta, generation.top_k, generation.prompt, n_keep,
@@ -321,15 +373,40 @@ class Engine:
         with self._wake:
             for seq, token in enumerate(tokens):
                 generation = self._slots[seq]
-                if token < 0 or generation is None:
+                if token < 0 or not isinstance(generation, Generation):
                     continue
                 logits = self._batch.logits(seq) if generation.keep_logits else None
                 if generation._deliver(token, logits):
                     self._release(seq)
+        self._score_step()
+
+    def _score_step(self) -> None:
+        """Reads the next chunk of the prompts being scored (see ScoreReader.step); ends those read whole."""
+        with self._wake:
+            jobs = [(seq, self._slots[seq]) for seq in self._scoring]
+        reading = [(seq, job.forcing) for seq, job in jobs if isinstance(job, Scoring)]
+        if not reading:
+            return
+        try:
+            done = self._reader.step(reading)
+        except Exception as error:
+            with self._wake:
+                for seq, _ in reading:
+                    self._release(seq, error)
+            return
+        with self._wake:
+            for seq in done:
+                self._release(seq)
 
     def _release(self, seq: int, error: Optional[BaseException] = None) -> None:
         generation = self._slots[seq]
         self._slots[seq] = None
+        if isinstance(generation, Scoring):
+            # Its cells are no prompt's that the slot records: the next job in the slot reads from scratch.
+            self._scoring.remove(seq)
+            generation._end(error)
+            return
+        assert generation is None or isinstance(generation, Generation)
         if generation is not None and generation.settling and not generation.generated:
             # Interrupted by real work: back to the prompt it settled onto.
             kept = generation.prompt[: generation.cached_tokens]
@@ -440,7 +517,7 @@ class EngineModel:
         self._seed = seed
         self._keep_logits = keep_logits
         self._interrupt = interrupt
-        self._generation: Optional[Generation] = None
+        self._generation: Optional[Job] = None
         self._handed_out = 0
         self.cache = None
         self.verbose = False
@@ -455,7 +532,7 @@ class EngineModel:
     def last_generation(self) -> GenerationCounts:
         """Prompt tokens and the tokens handed out (end-of-generation tokens not counted) of this view's generation."""
         generation = self._generation
-        if generation is None:
+        if not isinstance(generation, Generation):
             return GenerationCounts()
         handed_out = generation.generated[: self._handed_out]
         return GenerationCounts(len(generation.prompt), sum(token not in generation.stop_tokens for token in handed_out))
@@ -479,7 +556,7 @@ class EngineModel:
     @property
     def _scores(self) -> Any:
         generation = self._generation
-        if generation is None or not generation.logits:
+        if not isinstance(generation, Generation) or not generation.logits:
             return _Scores([self._no_logits], 0)
         return _Scores(generation.logits, len(generation.prompt) - 1)
 
@@ -517,6 +594,16 @@ class EngineModel:
         self._generation = generation
         self._engine.submit(generation)
         return self._tokens(generation, stopping_criteria)
+
+    def score(self, tokens: list[int], top_n: int, sampling: Optional[dict[str, Any]]) -> TeacherForcing:
+        """teacher_forcing.Scorer on the engine: queued now (EngineBusy when the queue is full); returns once the
+        prompt has been read. `sampling`: llama_cpp.Llama._init_sampler's arguments for the token after it."""
+        sampler = None if sampling is None else self._init_sampler(**sampling)
+        forcing = TeacherForcing(tokens, top_n, self._llm.n_vocab(), sampler)
+        job = Scoring(forcing, interrupt=self._interrupt, cache_prompt=self._cache_prompt)
+        self._generation = job
+        self._engine.submit(job)
+        return job.wait()
 
     def _tokens(self, generation: Generation, stopping_criteria: Optional[StoppingCriteriaList]) -> Iterator[int]:
         try:

@@ -3,8 +3,12 @@
 The completion and chat routes are pymoi's: concurrent requests generate together on an
 Engine (continuous batching, up to --parallel at once, a bounded queue beyond, 503 when it
 is full), each with its own `beta` / `moi_top_k`, sampler, seed, grammar and stops; `n` > 1
-takes n sequences; errors are 4xx before a stream starts. The models and tokenizer routes are
-llama-cpp-python's own, served from the same app.
+takes n sequences, and so does a list of prompts; errors are 4xx before a stream starts. A
+completion with `echo` and `logprobs` scores its prompt by teacher forcing (see teacher_forcing.py), on the
+engine beside the generations. /tokenizer_info, /tokenize and /detokenize are vLLM's, from the
+model's own vocabulary and chat template (lm-evaluation-harness reads them with
+tokenizer_backend=remote). The models and /extras/ tokenizer routes are llama-cpp-python's own,
+served from the same app.
 Every error is an OpenAI-style JSON body: {"error": {"message", "type", "param", "code"}}, whatever
 raised it, and the connection stays open for the client's next request.
 Needs the `server` extra (FastAPI, uvicorn, sse-starlette).
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -22,7 +27,7 @@ import re
 import signal
 import socket
 import threading
-from typing import Any, AsyncIterator, Callable, Iterator, Optional
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
 
 import anyio
 import llama_cpp
@@ -34,21 +39,27 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from llama_cpp.server import app as llama_server
 from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
+from .batch import completion_prompt_parts
 from .engine import Engine, EngineBusy, EngineClosed, EngineModel
 from .llama import Llama, check_logit_bias
 from .mixing import validate_beta, validate_top_k
+from .teacher_forcing import check_echo_max_tokens, echo_completion, score_alone
 
 # llama-cpp-python's routes that pymoi serves unchanged; they do not touch the context.
 SHARED_ROUTES = ("/v1/models", "/extras/tokenize", "/extras/tokenize/count", "/extras/detokenize")
 
 logger = logging.getLogger("uvicorn.error")  # where uvicorn reports its own errors
+
+
+# One prompt of a completion request: a text or token ids.
+Prompt = Union[str, list[int]]
 
 
 class RequestError(HTTPException):
@@ -116,14 +127,23 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(default=False, description="Send a last chunk with the token usage of the stream.")
 
 
+# Words a client may send for beta or moi_top_k where JSON would have null (lm-evaluation-harness passes
+# --gen_kwargs values through as strings when they are not numbers).
+NULL_WORDS = ("none", "null")
+
+
 class MoiFields(BaseModel):
     stream_options: Optional[StreamOptions] = Field(default=None, description="Options of a streamed response.")
     beta: Optional[float] = Field(
         default=None,
         description="MoI strength for this request: >= 0, <= -99 for the direct mixture, null for ordinary "
-        "decoding; absent: the server's --beta.",
+        "decoding; absent: the server's --beta. Also as a string: a number, 'direct' (-100), or 'none', 'null' "
+        "or 'off' (ordinary decoding).",
     )
-    moi_top_k: Optional[int] = Field(default=None, ge=1, description="Candidate tokens in each mixture; absent: the server's --moi-top-k.")
+    moi_top_k: Optional[int] = Field(
+        default=None, ge=1,
+        description="Candidate tokens in each mixture; absent or null: the server's --moi-top-k. Also as a string.",
+    )
     cache_prompt: Optional[bool] = Field(
         default=None,
         description="Reuse the KV cells an earlier prompt that starts alike left (llama-server's field); false reads the "
@@ -131,9 +151,44 @@ class MoiFields(BaseModel):
         "runs with --no-cache-prompt.",
     )
 
+    @field_validator("beta", mode="before")
+    @classmethod
+    def beta_word(cls, value: Any) -> Any:
+        """A beta sent as a string, as the --beta flag takes it."""
+        if not isinstance(value, str):
+            return value
+        word = value.strip().lower()
+        if word in (*NULL_WORDS, "off"):
+            return None
+        if word == "direct":
+            return -100.0
+        try:
+            return float(word)
+        except ValueError:
+            raise ValueError(f"'{value}' is not a beta: a number >= 0, 'direct' (or <= -99), or 'none'") from None
+
+    @field_validator("moi_top_k", mode="before")
+    @classmethod
+    def top_k_word(cls, value: Any) -> Any:
+        """A moi_top_k sent as a string ('20', '20.0') or as a whole float; 'none' or 'null' is null."""
+        if isinstance(value, str):
+            word = value.strip().lower()
+            if word in NULL_WORDS:
+                return None
+            try:
+                value = float(word)
+            except ValueError:
+                raise ValueError(f"'{value}' is not a number of candidate tokens") from None
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
 
 class CompletionRequest(CreateCompletionRequest, MoiFields):
-    pass
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(  # type: ignore[assignment]
+        default="",
+        description="The prompt: a text or a list of token ids, or a list of prompts (one choice each, in order).",
+    )
 
 
 class ChatCompletionRequest(CreateChatCompletionRequest, MoiFields):
@@ -223,9 +278,12 @@ class ServedModel:
             for index in range(n)
         ]
 
-    async def respond(self, request: Request, body: Any, kwargs: dict[str, Any], method: str) -> Any:
+    async def respond(
+        self, request: Request, body: Any, kwargs: dict[str, Any], method: str, prompts: Optional[list[Prompt]] = None
+    ) -> Any:
         """Runs model.<method>(**kwargs) for the request on the engine: a JSON body, or an event
-        stream when it asks to stream; n choices as n generations."""
+        stream when it asks to stream; n choices as n generations, of each of `prompts` (a completion's;
+        None for a chat). A completion with echo and logprobs scores its prompts instead (see teacher_forcing.py)."""
         moi = self.moi_arguments(body)
         n = 1 if body.n is None else body.n
         if n < 1:
@@ -238,6 +296,9 @@ class ServedModel:
             )
         if n > 1 and body.stream:
             raise RequestError(400, "stream cannot be combined with n > 1", param="stream")
+        prompts_or_chat: list[Optional[Prompt]] = [None] if prompts is None else list(prompts)
+        if len(prompts_or_chat) > 1 and body.stream:
+            raise RequestError(400, "stream cannot be combined with several prompts", param="stream")
         kwargs["model"] = self.alias
         cache_prompt = self.cache_prompt if body.cache_prompt is None else body.cache_prompt
         with client_errors():
@@ -247,28 +308,43 @@ class ServedModel:
         seed = kwargs.pop("seed", None)
         # Completions ask with a count (0 included), chats with true.
         logprobs = kwargs.get("logprobs") is not None and kwargs.get("logprobs") is not False
-        if logprobs and kwargs.get("echo"):
-            raise RequestError(
-                400, "echo cannot be combined with logprobs: this server keeps the logits of generated tokens only, "
-                "not the prompt's; ask for one or the other", param="echo",
-            )
+        scoring = method == "create_completion" and logprobs and bool(kwargs.get("echo"))
+        if scoring:
+            check_scoring(kwargs)
         client_left = threading.Event()
-        models = self.choice_models(moi, n, seed, logprobs, client_left, cache_prompt)
 
-        def run(model: Any) -> Any:
+        def call(model: Any, prompt: Optional[Prompt], **extra: Any) -> Any:
+            """model.<method> on one prompt (or the chat's messages); a scoring where the request asks for one."""
+            fields = kwargs if prompt is None else {**kwargs, "prompt": prompt}
+            if scoring:
+                score = model.score if isinstance(model, EngineModel) else functools.partial(score_alone, model)
+                skipped = ("echo", "stream", "suffix", "logit_bias")
+                return echo_completion(model, score, **{name: value for name, value in fields.items() if name not in skipped})
+            if fields.get("echo") and isinstance(prompt, list):
+                # llama-cpp-python echoes text prompts only (and streams without echo): token ids are echoed as their text.
+                response = getattr(model, method)(**{**fields, "echo": False}, **extra)
+                if body.stream:
+                    return response
+                text = model.detokenize(prompt, special=True).decode("utf-8", errors="ignore")
+                return {**response, "choices": [{**choice, "text": text + choice["text"]} for choice in response["choices"]]}
+            return getattr(model, method)(**fields, **extra)
+
+        def run(model: Any, prompt: Optional[Prompt]) -> Any:
             if isinstance(model, EngineModel):
                 model.max_tokens_hint = kwargs.get("max_tokens")
                 with client_errors(sequence=self.sequence):
-                    response = getattr(model, method)(**kwargs, seed=model._seed)
+                    response = call(model, prompt, seed=model._seed)
                 return response if body.stream else with_cached_tokens(response, model.cached_tokens)
             with client_errors(sequence=self.sequence), model.interruptible(client_left):
                 if not cache_prompt:
                     model.reset()  # the next generate() reads the whole prompt again
-                return getattr(model, method)(**kwargs, seed=seed, **moi)
+                if scoring and seed is not None:
+                    model.set_seed(seed)
+                return call(model, prompt, seed=seed, **moi)
 
-        def generate(model: Any) -> Any:
+        def generate(model: Any, prompt: Optional[Prompt]) -> Any:
             try:
-                return run(model)
+                return run(model, prompt)
             except Exception as error:
                 if method == "create_chat_completion" and not isinstance(error, HTTPException):
                     refusal = unrenderable_messages(self.llm, kwargs)
@@ -276,37 +352,52 @@ class ServedModel:
                         raise refusal from None
                 raise
 
+        jobs = [
+            (model, prompt)
+            for prompt in prompts_or_chat
+            for model in self.choice_models(moi, n, seed, logprobs and not scoring, client_left, cache_prompt)
+        ]
+        works = [functools.partial(generate, model, prompt) for model, prompt in jobs]
         include_usage = body.stream_options is not None and body.stream_options.include_usage
+        if body.stream:
+            if self.engine is None:
+                return await self.stream_alone(request, works[0], moi, client_left, include_usage)
+            return await self.stream(request, works[0], moi, client_left, jobs[0][0] if include_usage else None)
         if self.engine is None:
-            if body.stream:
-                return await self.stream_alone(request, lambda: generate(models[0]), moi, client_left, include_usage)
             async with self.alone:
                 self.running = client_left
                 try:
-                    return with_moi(await run_watching_departure(request, client_left, lambda: generate(models[0])), moi)
+                    results = [await run_watching_departure(request, client_left, work) for work in works]
                 finally:
                     self.running = None
-        if body.stream:
-            usage = models[0] if include_usage else None
-            return await self.stream(request, lambda: generate(models[0]), moi, client_left, usage)
-        if n == 1:
-            return with_moi(await run_watching_departure(request, client_left, lambda: generate(models[0])), moi)
-        results: list[Any] = [None] * n
+        else:
+            results = await self.run_all(request, client_left, works)
+        return with_moi(results[0] if len(results) == 1 else merged_choices(results, n), moi)
 
-        async def choice(index: int) -> None:
-            try:
-                results[index] = await run_watching_departure(request, client_left, lambda: generate(models[index]))
-            except Exception as error:
-                client_left.set()  # ends the other choices
-                results[index] = error
+    async def run_all(self, request: Request, client_left: threading.Event, works: list[Callable[[], Any]]) -> list[Any]:
+        """The results of works (each a generation on the engine), at most --parallel of them submitted at a
+        time, so that a request of many prompts waits for sequences instead of filling the queue. The first
+        failure ends the others and is raised."""
+        if len(works) == 1:
+            return [await run_watching_departure(request, client_left, works[0])]
+        results: list[Any] = [None] * len(works)
+        limiter = anyio.CapacityLimiter(self.llm.n_seq_max)
+
+        async def one(index: int) -> None:
+            async with limiter:
+                try:
+                    results[index] = await run_watching_departure(request, client_left, works[index])
+                except Exception as error:
+                    client_left.set()  # ends the others
+                    results[index] = error
 
         async with anyio.create_task_group() as tasks:
-            for index in range(n):
-                tasks.start_soon(choice, index)
+            for index in range(len(works)):
+                tasks.start_soon(one, index)
         failed = [result for result in results if isinstance(result, Exception)]
         if failed:
             raise failed[0]
-        return with_moi(merged_choices(results), moi)
+        return results
 
     async def stream(
         self, request: Request, generate: Callable[[], Iterator[Any]], moi: dict[str, Any], client_left: threading.Event,
@@ -441,7 +532,11 @@ class ChunkPump:
 
 
 class _Rendered(Exception):
-    """The chat template has rendered the messages (raised where the prompt would be tokenized)."""
+    """The chat template has rendered the messages into the prompt `tokens` (raised where they are tokenized)."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        super().__init__()
+        self.tokens = tokens
 
 
 class _RenderOnly:
@@ -456,7 +551,7 @@ class _RenderOnly:
         return getattr(self._llm, name)
 
     def tokenize(self, *args: Any, **kwargs: Any) -> list[int]:
-        raise _Rendered
+        raise _Rendered(self._llm.tokenize(*args, **kwargs))
 
 
 def render_error(llm: Llama, messages: list[Any], template_fields: dict[str, Any]) -> Optional[Exception]:
@@ -468,6 +563,21 @@ def render_error(llm: Llama, messages: list[Any], template_fields: dict[str, Any
     except Exception as error:
         return error
     return None
+
+
+def chat_prompt_tokens(llm: Llama, messages: list[Any]) -> list[int]:
+    """The prompt tokens /v1/chat/completions reads for `messages` (the generation prompt included);
+    a 400 naming the message when the chat template cannot render them."""
+    try:
+        _RenderOnly(llm).create_chat_completion(messages=messages)
+    except _Rendered as rendered:
+        return rendered.tokens
+    except Exception:
+        refusal = unrenderable_messages(llm, {"messages": messages})
+        if refusal is not None:
+            raise refusal from None
+        raise
+    raise RuntimeError("the model's chat format rendered the messages without tokenizing a prompt")
 
 
 # Renderings tried to find the message a chat template stumbles on.
@@ -509,19 +619,58 @@ def with_cached_tokens(response: dict[str, Any], cached: int) -> dict[str, Any]:
     return {**response, "usage": {**response["usage"], "prompt_tokens_details": {"cached_tokens": cached}}}
 
 
-def merged_choices(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One response holding the choices of n single-choice responses, choice i at index i."""
+def merged_choices(results: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """One response holding the choices of single-choice responses, n of each prompt in the prompts' order
+    (choice i of prompt j at index j * n + i, as OpenAI's API orders them); each prompt's tokens count once."""
     merged = dict(results[0])
     merged["choices"] = [{**result["choices"][0], "index": index} for index, result in enumerate(results)]
+    firsts = results[::n]
     completion_tokens = sum(result["usage"]["completion_tokens"] for result in results)
-    prompt_tokens = results[0]["usage"]["prompt_tokens"]
+    prompt_tokens = sum(result["usage"]["prompt_tokens"] for result in firsts)
     merged["usage"] = {
         **results[0]["usage"],
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if "prompt_tokens_details" in merged["usage"]:
+        cached = sum(result["usage"]["prompt_tokens_details"]["cached_tokens"] for result in firsts)
+        merged["usage"]["prompt_tokens_details"] = {"cached_tokens": cached}
     return merged
+
+
+def check_scoring(kwargs: dict[str, Any]) -> None:
+    """400 for what a completion with echo and logprobs (a scoring of its prompt) cannot take."""
+    with client_errors("max_tokens"):
+        check_echo_max_tokens(kwargs.get("max_tokens"))
+    for name, why in (
+        ("stream", "it answers in one response"),
+        ("suffix", "it scores the prompt as given"),
+        ("logit_bias", "it reports the model's own log-probabilities"),
+    ):
+        if kwargs.get(name):
+            raise RequestError(400, f"{name} cannot be combined with echo and logprobs: {why}", param=name)
+
+
+def completion_prompts(prompt: Union[str, list[str], list[int], list[list[int]]], n_vocab: int) -> list[Prompt]:
+    """The prompts of a completion request: a text, token ids, or a list of either; 400 for token ids that are
+    not the model's."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        return [""]
+    one = isinstance(prompt[0], int)
+    prompts: list[Prompt] = [prompt] if one else list(prompt)  # type: ignore[list-item]
+    for index, tokens in enumerate(prompts):
+        if isinstance(tokens, str):
+            continue
+        where = "prompt" if one else f"prompt[{index}]"
+        if not tokens:
+            raise RequestError(400, f"{where} is an empty list of token ids", param="prompt")
+        outside = next((token for token in tokens if not 0 <= token < n_vocab), None)
+        if outside is not None:
+            raise RequestError(400, f"{where} holds token {outside}, outside the vocabulary [0, {n_vocab})", param="prompt")
+    return prompts
 
 
 async def run_watching_departure(request: Request, client_left: threading.Event, work: Callable[[], Any]) -> Any:
@@ -596,18 +745,89 @@ async def authenticate(request: Request, credentials: Optional[HTTPAuthorization
 
 @router.post("/v1/completions", dependencies=[Depends(authenticate)], summary="Completion (MoI)")
 async def create_completion(request: Request, body: CompletionRequest) -> Any:
-    if isinstance(body.prompt, list):
-        if len(body.prompt) > 1:
-            raise RequestError(400, "one prompt per request; ask for several choices of it with n", param="prompt")
-        body.prompt = body.prompt[0] if body.prompt else ""
-    kwargs = body.model_dump(exclude={"n", "best_of", "logit_bias_type", "user", "min_tokens", *MoiFields.model_fields})
-    return await served(request).respond(request, body, kwargs, "create_completion")
+    model = served(request)
+    prompts = completion_prompts(body.prompt, model.llm.n_vocab())
+    kwargs = body.model_dump(exclude={"prompt", "n", "best_of", "logit_bias_type", "user", "min_tokens", *MoiFields.model_fields})
+    return await model.respond(request, body, kwargs, "create_completion", prompts)
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(authenticate)], summary="Chat (MoI)")
 async def create_chat_completion(request: Request, body: ChatCompletionRequest) -> Any:
     kwargs = body.model_dump(exclude={"n", "logit_bias_type", "user", "min_tokens", *MoiFields.model_fields})
     return await served(request).respond(request, body, kwargs, "create_chat_completion")
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a text, or a conversation as /v1/chat/completions renders it."""
+
+    model: Optional[str] = Field(default=None, description="The served model's name (optional).")
+    prompt: Optional[str] = Field(default=None, description="The text to tokenize.")
+    messages: Optional[list[dict[str, Any]]] = Field(
+        default=None, description="A conversation: the tokens /v1/chat/completions reads for it, generation prompt included."
+    )
+    add_special_tokens: bool = Field(
+        default=True, description="With a prompt: add the special tokens the model puts around a text (its BOS), as "
+        "/v1/completions reads a text prompt; false: the text's tokens only.",
+    )
+    return_token_strs: bool = Field(default=False, description="Also return each token's text in the vocabulary.")
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize."""
+
+    model: Optional[str] = Field(default=None, description="The served model's name (optional).")
+    tokens: list[int] = Field(description="Token ids.")
+
+
+def tokenizer_info(llm: Llama) -> dict[str, Any]:
+    """vLLM's /tokenizer_info (the fields of a tokenizer_config.json) from the model's own vocabulary and chat template."""
+    vocab, metadata = llm._model, llm.metadata
+
+    def text(token: int) -> Optional[str]:
+        return vocab.token_get_text(token) if 0 <= token < llm.n_vocab() else None
+
+    info: dict[str, Any] = {
+        "tokenizer_class": f"llama.cpp ({metadata.get('tokenizer.ggml.model', 'unknown')})",
+        "bos_token": text(llm.token_bos()),
+        "eos_token": text(llm.token_eos()),
+        "pad_token": text(int(metadata.get("tokenizer.ggml.padding_token_id", -1))),
+        "unk_token": text(int(metadata.get("tokenizer.ggml.unknown_token_id", -1))),
+        "add_bos_token": bool(vocab.add_bos_token()),
+        "add_eos_token": bool(vocab.add_eos_token()),
+        "model_max_length": llm._context_limit,
+    }
+    template = metadata.get("tokenizer.chat_template")
+    if template:
+        info["chat_template"] = template
+    return info
+
+
+@router.get("/tokenizer_info", dependencies=[Depends(authenticate)], summary="Tokenizer configuration (vLLM's)")
+async def get_tokenizer_info(request: Request) -> dict[str, Any]:
+    return tokenizer_info(served(request).llm)
+
+
+@router.post("/tokenize", dependencies=[Depends(authenticate)], summary="Tokenize (vLLM's)")
+async def tokenize(request: Request, body: TokenizeRequest) -> dict[str, Any]:
+    llm = served(request)(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise RequestError(400, "give either prompt (a text) or messages (a conversation)", param="prompt")
+    if body.messages is not None:
+        tokens = await run_in_threadpool(chat_prompt_tokens, llm, body.messages)
+    else:
+        lead, text, tail = completion_prompt_parts(llm, body.prompt or "")
+        tokens = lead + text + tail if body.add_special_tokens else text
+    strings = [llm._model.token_get_text(token) for token in tokens] if body.return_token_strs else None
+    return {"count": len(tokens), "max_model_len": llm._context_limit, "tokens": tokens, "token_strs": strings}
+
+
+@router.post("/detokenize", dependencies=[Depends(authenticate)], summary="Detokenize (vLLM's)")
+async def detokenize(request: Request, body: DetokenizeRequest) -> dict[str, Any]:
+    llm = served(request)(body.model)
+    outside = next((token for token in body.tokens if not 0 <= token < llm.n_vocab()), None)
+    if outside is not None:
+        raise RequestError(400, f"token {outside} is outside the vocabulary [0, {llm.n_vocab()})", param="tokens")
+    return {"prompt": llm.detokenize(body.tokens, special=True).decode("utf-8", errors="replace")}
 
 
 @router.get("/health", summary="Health")
