@@ -13,6 +13,7 @@
 #include "mixture_input.h"
 #include "pymoi.h"
 #include "seq_checkpoint.h"
+#include "soft_thinking.h"
 
 struct pymoi_embedding_rows {
     std::unique_ptr<pymoi::EmbeddingRows> rows;
@@ -109,6 +110,26 @@ pymoi_status pymoi_select_top_k(const float * logits, int32_t n_vocab, int32_t t
     }
     pymoi::select_top_k(logits, n_vocab, top_k, out_ids);
     return PYMOI_OK;
+}
+
+pymoi_status pymoi_concept_weights(const float * logits, int32_t n_vocab, const pymoi_soft_thinking * settings,
+                                   const float * gumbel, int32_t * out_ids, float * out_weights, int32_t * out_n,
+                                   float * out_entropy) {
+    return guarded([&] {
+        if (logits == nullptr || settings == nullptr || out_ids == nullptr || out_weights == nullptr || out_n == nullptr ||
+            out_entropy == nullptr) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "logits, settings and the out pointers must not be null");
+        }
+        std::string error;
+        if (n_vocab < 2) return fail(PYMOI_ERR_INVALID_ARGUMENT, "n_vocab must be at least 2 (two tags)");
+        const int status = pymoi::check_soft_thinking(*settings, n_vocab, &error);
+        if (status != PYMOI_OK) return to_status(status, error);
+        pymoi::select_top_k(logits, n_vocab, settings->top_k, out_ids);
+        const int32_t n = pymoi::concept_weights(logits, n_vocab, out_ids, *settings, gumbel, out_weights, out_entropy, &error);
+        if (n < 0) return fail(PYMOI_ERR_INVALID_ARGUMENT, error);
+        *out_n = n;
+        return PYMOI_OK;
+    });
 }
 
 bool pymoi_denied_architecture(int32_t i, const char ** out_architecture, const char ** out_reason) {
@@ -277,6 +298,22 @@ pymoi_status pymoi_session_flush(pymoi_session * session, int32_t n_past) {
     });
 }
 
+pymoi_status pymoi_session_soft_thinking(pymoi_session * session, const pymoi_soft_thinking * settings) {
+    return guarded([&] {
+        if (session == nullptr) return fail(PYMOI_ERR_INVALID_ARGUMENT, "session must not be null");
+        std::string error;
+        return to_status(session->step->soft_thinking(settings, &error), error);
+    });
+}
+
+pymoi_status pymoi_session_thinking_info(const pymoi_session * session, pymoi_thinking_info * out_info) {
+    if (session == nullptr || out_info == nullptr) {
+        return fail(PYMOI_ERR_INVALID_ARGUMENT, "session and out_info must not be null");
+    }
+    *out_info = session->step->thinking_info();
+    return PYMOI_OK;
+}
+
 bool pymoi_session_has_pending(const pymoi_session * session) {
     return session != nullptr && session->step->has_pending();
 }
@@ -389,6 +426,24 @@ pymoi_status pymoi_checkpoint_info_get(const pymoi_checkpoint * checkpoint, pymo
     out_info->pos   = checkpoint->checkpoint.pos();
     out_info->bytes = checkpoint->checkpoint.pos() < 0 ? 0 : checkpoint->checkpoint.size();
     return PYMOI_OK;
+}
+
+pymoi_status pymoi_batch_soft_thinking(pymoi_batch * batch, int32_t seq, const pymoi_soft_thinking * settings) {
+    return guarded([&] {
+        if (batch == nullptr) return fail(PYMOI_ERR_INVALID_ARGUMENT, "batch must not be null");
+        std::string error;
+        return to_status(batch->step->soft_thinking(seq, settings, &error), error);
+    });
+}
+
+pymoi_status pymoi_batch_thinking_info(const pymoi_batch * batch, int32_t seq, pymoi_thinking_info * out_info) {
+    return guarded([&] {
+        if (batch == nullptr || out_info == nullptr) {
+            return fail(PYMOI_ERR_INVALID_ARGUMENT, "batch and out_info must not be null");
+        }
+        std::string error;
+        return to_status(batch->step->thinking_info(seq, out_info, &error), error);
+    });
 }
 
 pymoi_status pymoi_batch_logits(const pymoi_batch * batch, int32_t seq, const float ** out_logits) {

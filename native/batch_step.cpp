@@ -31,6 +31,7 @@ BatchStep::BatchStep(MixtureInput & input, llama_context * ctx, int32_t n_seq, b
     betas_(static_cast<size_t>(n_seq), 1.0f),
     top_k_(static_cast<size_t>(n_seq), 1),
     chain_top_k_(static_cast<size_t>(n_seq), 0),
+    spans_(static_cast<size_t>(n_seq)),
     n_past_(static_cast<size_t>(n_seq), 0),
     prompts_(static_cast<size_t>(n_seq)),
     prompt_read_(static_cast<size_t>(n_seq), 0),
@@ -123,6 +124,7 @@ int BatchStep::add(int32_t seq, llama_sampler * sampler, float beta, int32_t top
     betas_[s]       = beta;
     top_k_[s]       = top_k;
     chain_top_k_[s] = 0;
+    spans_[s].off();
     state_[s]       = State::reading;
     reading_order_.push_back(seq);
     return PYMOI_OK;
@@ -253,6 +255,12 @@ void BatchStep::sample(int32_t j, int worker) {
     auto &           cand    = candidates_[w];
     const int32_t    row     = live_rows_[static_cast<size_t>(j)];
 
+    float *     out   = row >= 0 ? rows_.row(row) : nullptr;
+    llama_token shown = -1;
+    if (spans_[s].step(input_, logits, scratch, out, &shown, &status_[w], &errors_[w])) {
+        live_tokens_[static_cast<size_t>(j)] = shown;
+        return;
+    }
     // What llama_sampler_sample does with CPU logits, on this worker's candidate
     // array instead of the context: the sampler chain applies, then accepts.
     const llama_token sampled = input_.sample(logits, samplers_[s], top_k_[s], chain_top_k_[s], scratch, cand.data());
@@ -262,8 +270,8 @@ void BatchStep::sample(int32_t j, int worker) {
         return;
     }
     live_tokens_[static_cast<size_t>(j)] = sampled;
-    if (row >= 0) {
-        status_[w] = input_.build(logits, sampled, betas_[s], top_k_[s], scratch, rows_.row(row), &errors_[w]);
+    if (out != nullptr) {
+        status_[w] = input_.build(logits, sampled, betas_[s], top_k_[s], scratch, out, &errors_[w]);
     }
 }
 
@@ -280,6 +288,34 @@ int BatchStep::share_top_k(int32_t seq, int32_t chain_top_k, std::string * error
         if (status != PYMOI_OK) return status;
     }
     chain_top_k_[s] = chain_top_k;
+    return PYMOI_OK;
+}
+
+int BatchStep::soft_thinking(int32_t seq, const pymoi_soft_thinking * settings, std::string * error) {
+    int status = check_sequence(seq, error);
+    if (status != PYMOI_OK) return status;
+    const size_t s = static_cast<size_t>(seq);
+    if (state_[s] == State::free) {
+        *error = "sequence " + std::to_string(seq) + " is free: add it before turning Soft Thinking on";
+        return PYMOI_ERR_INVALID_ARGUMENT;
+    }
+    if (settings == nullptr) {
+        spans_[s].off();
+        return PYMOI_OK;
+    }
+    status = check_soft_thinking(*settings, input_.n_vocab(), error);
+    if (status != PYMOI_OK) return status;
+    for (MixtureScratch & scratch : scratch_) {
+        input_.reserve(settings->top_k, scratch);
+    }
+    spans_[s].start(*settings);
+    return PYMOI_OK;
+}
+
+int BatchStep::thinking_info(int32_t seq, pymoi_thinking_info * out, std::string * error) const {
+    const int status = check_sequence(seq, error);
+    if (status != PYMOI_OK) return status;
+    *out = spans_[static_cast<size_t>(seq)].info();
     return PYMOI_OK;
 }
 

@@ -13,6 +13,7 @@
 #include "llama.h"
 #include "mixture_input.h"
 #include "seq_checkpoint.h"
+#include "soft_thinking.h"
 #include "worker_pool.h"
 
 namespace pymoi {
@@ -54,6 +55,9 @@ class BatchStep {
     int finish(int32_t seq, int32_t n_keep, int32_t * n_kept, std::string * error);
     // See MixtureInput::sample(); 0 after add().
     int share_top_k(int32_t seq, int32_t chain_top_k, std::string * error);
+    // Soft Thinking for sequence `seq` (see ThinkingSpan); null: off, as after add().
+    int soft_thinking(int32_t seq, const pymoi_soft_thinking * settings, std::string * error);
+    int thinking_info(int32_t seq, pymoi_thinking_info * out, std::string * error) const;
     // The raw logits (n_vocab floats) that the latest step sampled sequence `seq`
     // from; valid until the next step.
     int logits(int32_t seq, const float ** out, std::string * error) const;
@@ -81,6 +85,7 @@ class BatchStep {
     std::vector<float>                    betas_;
     std::vector<int32_t>                  top_k_;
     std::vector<int32_t>                  chain_top_k_;
+    std::vector<ThinkingSpan>             spans_;
     std::vector<int32_t>                  n_past_;
     std::vector<std::vector<llama_token>> prompts_;
     std::vector<int32_t>                  prompt_read_;  // prompt tokens already decoded

@@ -17,6 +17,19 @@ int DecodeStep::begin(float beta, int32_t top_k, std::string * error) {
     top_k_       = top_k;
     chain_top_k_ = 0;
     pending_     = false;
+    span_.off();
+    return PYMOI_OK;
+}
+
+int DecodeStep::soft_thinking(const pymoi_soft_thinking * settings, std::string * error) {
+    if (settings == nullptr) {
+        span_.off();
+        return PYMOI_OK;
+    }
+    const int status = check_soft_thinking(*settings, input_.n_vocab(), error);
+    if (status != PYMOI_OK) return status;
+    input_.reserve(settings->top_k, scratch_);
+    span_.start(*settings);
     return PYMOI_OK;
 }
 
@@ -58,13 +71,21 @@ int DecodeStep::step(llama_sampler * sampler, int32_t n_past, llama_token * toke
         *error = "the context holds no logits to sample from: decode the prompt first";
         return PYMOI_ERR_INVALID_ARGUMENT;
     }
+    rows_.clear();
+    float *     row   = rows_.add(n_past, 0);
+    llama_token shown = -1;
+    if (span_.step(input_, logits, scratch_, row, &shown, &status, error)) {
+        if (status != PYMOI_OK) return status;
+        pending_ = true;
+        *token   = shown;
+        return PYMOI_OK;
+    }
     const llama_token sampled = input_.sample(logits, sampler, top_k_, chain_top_k_, scratch_, candidates_.data());
     if (sampled < 0 || sampled >= input_.n_vocab()) {
         *error = "the sampler returned no valid token (" + std::to_string(sampled) + ")";
         return PYMOI_ERR_INTERNAL;
     }
-    rows_.clear();
-    status = input_.build(logits, sampled, beta_, top_k_, scratch_, rows_.add(n_past, 0), error);
+    status = input_.build(logits, sampled, beta_, top_k_, scratch_, row, error);
     if (status != PYMOI_OK) return status;
     pending_ = true;
     *token   = sampled;

@@ -8,6 +8,7 @@
 #include "embedding_batch.h"
 #include "llama.h"
 #include "mixture_input.h"
+#include "soft_thinking.h"
 
 namespace pymoi {
 
@@ -22,10 +23,13 @@ class DecodeStep {
     int begin(float beta, int32_t top_k, std::string * error);
     // See MixtureInput::sample(); 0 after begin().
     int share_top_k(int32_t chain_top_k, std::string * error);
+    // Soft Thinking for this generation (see ThinkingSpan); null: off, as after begin().
+    int soft_thinking(const pymoi_soft_thinking * settings, std::string * error);
     int step(llama_sampler * sampler, int32_t n_past, llama_token * token, std::string * error);
     int flush(int32_t n_past, std::string * error);
 
-    bool has_pending() const { return pending_; }
+    bool                has_pending() const { return pending_; }
+    pymoi_thinking_info thinking_info() const { return span_.info(); }
 
   private:
     MixtureInput &  input_;
@@ -36,6 +40,7 @@ class DecodeStep {
     int32_t top_k_       = 1;
     int32_t chain_top_k_ = 0;
     bool    pending_     = false;
+    ThinkingSpan span_;
 
     // The vocabulary's candidates for the sampler chain, sized once.
     std::vector<llama_token_data> candidates_;

@@ -135,6 +135,21 @@ int MixtureInput::build(const float * logits, llama_token sampled, float beta, i
     return PYMOI_OK;
 }
 
+void MixtureInput::reserve(int32_t n, MixtureScratch & scratch) const {
+    const size_t capacity = static_cast<size_t>(std::max(n, 1));
+    if (scratch.ids.size() < capacity) {
+        scratch.ids.resize(capacity);
+        scratch.weights.resize(capacity);
+    }
+    if (scratch.noise.size() < capacity) scratch.noise.resize(capacity);
+    scratch.row.resize(static_cast<size_t>(rows_->n_embd()));
+}
+
+void MixtureInput::weighted_rows(const int32_t * ids, const float * weights, int32_t n, MixtureScratch & scratch,
+                                 float * out) const {
+    mix(ids, weights, n, verdict_.input_scale, scratch, out);
+}
+
 void MixtureInput::token_row(llama_token token, float scale, MixtureScratch & scratch, float * out) const {
     const float one = 1.0f;
     scratch.row.resize(static_cast<size_t>(rows_->n_embd()));

@@ -49,6 +49,7 @@ struct MixtureScratch {
     std::vector<int32_t> ids;
     std::vector<float>   weights;
     std::vector<float>   row;
+    std::vector<float>   noise;  // Soft Thinking's Gumbel noise, one value per concept candidate
 };
 
 class MixtureInput {
@@ -94,6 +95,14 @@ class MixtureInput {
     // threads with different scratch spaces.
     int build(const float * logits, llama_token sampled, float beta, int32_t top_k, MixtureScratch & scratch,
               float * out, std::string * error) const;
+
+    // Sizes `scratch` for n candidates (as prepare() does for top_k), for callers
+    // that weigh candidates themselves (Soft Thinking's concept tokens).
+    void reserve(int32_t n, MixtureScratch & scratch) const;
+
+    // Writes to `out` (n_embd floats) sum_i weights[i] * row(ids[i]) with the
+    // scaling the model applies to token inputs: a concept token.
+    void weighted_rows(const int32_t * ids, const float * weights, int32_t n, MixtureScratch & scratch, float * out) const;
 
     // Writes the row of `token` alone, times `scale`, through the same path as
     // build(): what the input probe compares with the token path.

@@ -268,6 +268,58 @@ PYMOI_API pymoi_status pymoi_batch_finish(pymoi_batch * batch, int32_t seq, int3
 // sampled sequence `seq`'s token from; valid until the next step.
 PYMOI_API pymoi_status pymoi_batch_logits(const pymoi_batch * batch, int32_t seq, const float ** out_logits);
 
+// Soft Thinking (Zhang et al., arXiv 2505.15778): inside a reasoning model's
+// thinking span each input is a concept token, sum_i p_i e_i over the likely
+// next tokens, and no token is sampled. Settings of one generation:
+typedef struct pymoi_soft_thinking {
+    int32_t     top_k;               // concept candidates, 1 <= top_k <= n_vocab (the reference's 10)
+    float       temperature;         // p = softmax(logits / temperature), > 0 (0.6)
+    float       top_p;               // candidates kept while the mass before them is below top_p, (0, 1] (0.95)
+    float       min_p;               // and while p >= min_p * p_max, [0, 1) (0.001)
+    float       gumbel_temperature;  // > 0: Gumbel-softmax noise over the kept, at this temperature; 0: none
+    uint32_t    seed;                // of the noise
+    float       cold_stop_entropy;   // Cold Stop: the span closes after cold_stop_steps concept tokens in a row
+    int32_t     cold_stop_steps;     //   whose entropy (nats) was below cold_stop_entropy (0.01, 256); 0: off
+    int32_t     max_thinking_steps;  // the span closes after this many concept tokens; < 0: no budget
+    llama_token open_tag;            // the token that opens the span (<think>)
+    llama_token close_tag;           // the token that closes it (</think>), fed as a token
+    bool        thinking;            // the span is open where the prompt ends
+} pymoi_soft_thinking;
+
+// How a thinking span ended (pymoi_thinking_info.ended_by).
+#define PYMOI_THINKING_NOT_ENDED 0  // not started, or still open
+#define PYMOI_THINKING_CLOSE_TAG 1  // the model's argmax was the close tag
+#define PYMOI_THINKING_COLD_STOP 2
+#define PYMOI_THINKING_BUDGET    3
+
+typedef struct pymoi_thinking_info {
+    bool    thinking;  // the span is open
+    int32_t steps;     // concept tokens fed so far
+    int32_t ended_by;  // PYMOI_THINKING_*
+} pymoi_thinking_info;
+
+// The concept weights of one step, as the steps compute them: ids of the
+// settings' top_k highest logits (best first) and their weights (0 for those
+// top-p or min-p drop), summing to 1; `gumbel` (top_k noise values, or null)
+// is added to the log-weights when gumbel_temperature > 0. out_ids and
+// out_weights have top_k entries; *out_n is the number kept, *out_entropy the
+// entropy of the kept probabilities before noise (nats).
+PYMOI_API pymoi_status pymoi_concept_weights(const float * logits, int32_t n_vocab, const pymoi_soft_thinking * settings,
+                                             const float * gumbel, int32_t * out_ids, float * out_weights,
+                                             int32_t * out_n, float * out_entropy);
+
+// Soft Thinking for the generation begun by pymoi_session_begin (which turns it
+// off): `settings` is copied; null turns it off. With it on, pymoi_session_step
+// returns the shown token of each step (a concept step's most probable token,
+// or a tag fed as a token) and samples only outside the span, with the
+// session's beta (+infinity: plain token input) and sampler.
+PYMOI_API pymoi_status pymoi_session_soft_thinking(pymoi_session * session, const pymoi_soft_thinking * settings);
+PYMOI_API pymoi_status pymoi_session_thinking_info(const pymoi_session * session, pymoi_thinking_info * out_info);
+
+// The same for sequence `seq` of a batch (in use; pymoi_batch_add turns it off).
+PYMOI_API pymoi_status pymoi_batch_soft_thinking(pymoi_batch * batch, int32_t seq, const pymoi_soft_thinking * settings);
+PYMOI_API pymoi_status pymoi_batch_thinking_info(const pymoi_batch * batch, int32_t seq, pymoi_thinking_info * out_info);
+
 #ifdef __cplusplus
 }
 #endif

@@ -62,6 +62,31 @@ class checkpoint_info(ctypes.Structure):
     ]
 
 
+class soft_thinking(ctypes.Structure):
+    _fields_ = [
+        ("top_k", ctypes.c_int32),
+        ("temperature", ctypes.c_float),
+        ("top_p", ctypes.c_float),
+        ("min_p", ctypes.c_float),
+        ("gumbel_temperature", ctypes.c_float),
+        ("seed", ctypes.c_uint32),
+        ("cold_stop_entropy", ctypes.c_float),
+        ("cold_stop_steps", ctypes.c_int32),
+        ("max_thinking_steps", ctypes.c_int32),
+        ("open_tag", ctypes.c_int32),
+        ("close_tag", ctypes.c_int32),
+        ("thinking", ctypes.c_bool),
+    ]
+
+
+class thinking_info(ctypes.Structure):
+    _fields_ = [
+        ("thinking", ctypes.c_bool),
+        ("steps", ctypes.c_int32),
+        ("ended_by", ctypes.c_int32),
+    ]
+
+
 def _library_path() -> pathlib.Path:
     names = {"win32": "pymoi.dll", "darwin": "libpymoi.dylib"}
     return pathlib.Path(__file__).with_name(names.get(sys.platform, "libpymoi.so"))
@@ -136,6 +161,14 @@ def _load() -> ctypes.CDLL:
         "pymoi_batch_step": ([ctypes.c_void_p, c_int32_p], ctypes.c_int),
         "pymoi_batch_finish": ([ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, c_int32_p], ctypes.c_int),
         "pymoi_batch_logits": ([ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(c_float_p)], ctypes.c_int),
+        "pymoi_concept_weights": (
+            [c_float_p, ctypes.c_int32, ctypes.POINTER(soft_thinking), c_float_p, c_int32_p, c_float_p, c_int32_p, c_float_p],
+            ctypes.c_int,
+        ),
+        "pymoi_session_soft_thinking": ([ctypes.c_void_p, ctypes.POINTER(soft_thinking)], ctypes.c_int),
+        "pymoi_session_thinking_info": ([ctypes.c_void_p, ctypes.POINTER(thinking_info)], ctypes.c_int),
+        "pymoi_batch_soft_thinking": ([ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(soft_thinking)], ctypes.c_int),
+        "pymoi_batch_thinking_info": ([ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(thinking_info)], ctypes.c_int),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)

@@ -11,8 +11,9 @@ from typing import Any, Optional, Sequence, Union
 import llama_cpp
 import numpy as np
 
-from ._native import check, lib
+from ._native import check, lib, soft_thinking, thinking_info
 from .mixing import chain_top_k, validate_beta
+from .soft_thinking import SoftThinking, ThinkingReport, ThinkingTags, native_settings, starts_thinking
 
 BetaArgument = Union[Optional[float], Sequence[Optional[float]]]
 
@@ -58,22 +59,31 @@ class NativeBatch:
         self._handle: Optional[ctypes.c_void_p] = handle
 
     def add(
-        self, seq: int, sampler: Any, beta: float, top_k: int, prompt: Sequence[int], n_keep: int = 0, chain_top_k: int = 0
+        self, seq: int, sampler: Any, beta: float, top_k: int, prompt: Sequence[int], n_keep: int = 0, chain_top_k: int = 0,
+        thinking: Optional[soft_thinking] = None,
     ) -> int:
         """Starts sequence `seq` on `prompt` with a llama_cpp sampler (kept alive by the caller until finish),
         reusing the KV cells of the first n_keep prompt tokens where finish() kept them; returns how many it reused.
-        chain_top_k: see mixing.chain_top_k."""
+        chain_top_k: see mixing.chain_top_k; thinking: the sequence's Soft Thinking (soft_thinking.native_settings)."""
         tokens = (ctypes.c_int32 * len(prompt))(*prompt)
         pointer = ctypes.cast(sampler.sampler, ctypes.c_void_p)
         kept = ctypes.c_int32(0)
         check(lib.pymoi_batch_add(self._handle, seq, pointer, beta, top_k, tokens, len(prompt), n_keep, ctypes.byref(kept)))
-        if chain_top_k:
-            try:
+        try:
+            if chain_top_k:
                 check(lib.pymoi_batch_share_top_k(self._handle, seq, chain_top_k))
-            except BaseException:
-                self.finish(seq)
-                raise
+            if thinking is not None:
+                check(lib.pymoi_batch_soft_thinking(self._handle, seq, ctypes.byref(thinking)))
+        except BaseException:
+            self.finish(seq)
+            raise
         return kept.value
+
+    def thinking(self, seq: int) -> ThinkingReport:
+        """What sequence `seq`'s thinking span has done so far."""
+        info = thinking_info()
+        check(lib.pymoi_batch_thinking_info(self._handle, seq, ctypes.byref(info)))
+        return ThinkingReport.from_native(info)
 
     def step(self) -> list[int]:
         """One decode; each sequence's sampled token, -1 where it sampled none."""
@@ -109,8 +119,10 @@ def generate_batch(
     sampling: dict[str, Any],
     seed: Optional[int],
     stop_tokens: Optional[Sequence[int]],
+    thinking: Optional[Sequence[Optional[tuple[SoftThinking, ThinkingTags]]]] = None,
 ) -> list[list[int]]:
-    """Generates from every prompt at once on a pymoi_cpp.Llama; see Llama.generate_batch."""
+    """Generates from every prompt at once on a pymoi_cpp.Llama; see Llama.generate_batch. `thinking`:
+    per prompt, Soft Thinking's settings and the model's tags, or None."""
     tokens = check_prompts(prompts, llm.n_vocab())
     n_seq = len(tokens)
     if n_seq > llm.n_seq_max:
@@ -131,6 +143,7 @@ def generate_batch(
     stops = llm.end_of_generation_tokens if stop_tokens is None else frozenset(stop_tokens)
 
     samplers = []
+    spans: list[Optional[soft_thinking]] = [None] * n_seq
     base_seed = llm._seed if seed is None else seed
     saved_seed = llm._seed
     try:
@@ -138,15 +151,23 @@ def generate_batch(
             # llama-cpp-python's own sampler chain, seeded as a lone generation with seed + index would be.
             llm._seed = base_seed if base_seed == llama_cpp.LLAMA_DEFAULT_SEED else (base_seed + index) & 0xFFFFFFFF
             samplers.append(llm._init_sampler(**sampling))
+            if thinking is not None and thinking[index] is not None:
+                settings, tags = thinking[index]
+                spans[index] = native_settings(settings, tags, llm._seed, starts_thinking(tokens[index], tags))
     finally:
         llm._seed = saved_seed
     outputs: list[list[int]] = [[] for _ in range(n_seq)]
+    reports: list[Optional[ThinkingReport]] = [None] * n_seq
+    llm.last_batch_thinking = reports
 
     llm._forget_context()
     batch = NativeBatch(llm._require_session(), ctypes.cast(llm._ctx.ctx, ctypes.c_void_p), n_seq, llm.n_vocab())
     try:
         for index, prompt in enumerate(tokens):
-            batch.add(index, samplers[index], betas[index], moi_top_k, prompt, chain_top_k=chain_top_k(sampling, llm.last_n_tokens_size))
+            batch.add(
+                index, samplers[index], betas[index], moi_top_k, prompt,
+                chain_top_k=chain_top_k(sampling, llm.last_n_tokens_size), thinking=spans[index],
+            )
         live = n_seq
         while live and not llm.interrupted():
             for index, token in enumerate(batch.step()):
@@ -157,6 +178,8 @@ def generate_batch(
                     outputs[index].append(token)
                     finished = len(outputs[index]) >= max_tokens
                 if finished:
+                    if spans[index] is not None:
+                        reports[index] = batch.thinking(index)
                     batch.finish(index)
                     live -= 1
     finally:
@@ -249,6 +272,7 @@ def completion_choices(
         sampling=sampling,
         seed=seed,
         stop_tokens=None,
+        thinking=None if settings.soft_thinking is None else [(settings.soft_thinking, settings.thinking_tags)] * n,
     )
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     prefix = prompt if echo and isinstance(prompt, str) else ""

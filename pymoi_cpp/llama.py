@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import math
 import os
 import re
 import threading
@@ -25,11 +26,22 @@ from ._native import (
     checkpoint_info,
     lib,
     session_info,
+    thinking_info,
 )
 from .batch import completion_choices, generate_batch, per_sequence_betas
 from .embedding_rows import EmbeddingRows
 from .mixing import chain_top_k, validate_beta, validate_top_k
 from .pieces import TokenPieces
+from .soft_thinking import (
+    SoftThinking,
+    SoftThinkingArgument,
+    ThinkingReport,
+    ThinkingTags,
+    find_thinking_tags,
+    native_settings,
+    resolve_soft_thinking,
+    starts_thinking,
+)
 
 
 class _Unset:
@@ -60,10 +72,18 @@ class MoiUnsupportedError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class MoiSettings:
-    """Mixing parameters of one generation; beta None means ordinary decoding."""
+    """Mixing parameters of one generation; beta None means ordinary decoding (after the thinking span,
+    with Soft Thinking)."""
 
     beta: Optional[float]
     top_k: int
+    soft_thinking: Optional[SoftThinking] = None
+    thinking_tags: Optional[ThinkingTags] = None
+
+    @property
+    def stock(self) -> bool:
+        """Ordinary decoding all through: no mixture and no concept token."""
+        return self.beta is None and self.soft_thinking is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,13 +184,24 @@ class Llama(llama_cpp.Llama):
     distribution. beta=None decodes exactly as llama_cpp.Llama; beta <= -99 feeds the
     direct mixture (the distribution over the top K, sample ignored).
 
+    `soft_thinking` (True for the defaults, a SoftThinking, or a dict of its fields) turns on
+    Soft Thinking (Zhang et al., arXiv 2505.15778) for reasoning models: inside the thinking
+    span every input is a concept token, and the answer after it is decoded with `beta`.
+
     Every other argument is llama_cpp.Llama's. generate(), create_completion(),
-    __call__() and create_chat_completion() also take `beta=` and `moi_top_k=` for one
-    call.
+    __call__() and create_chat_completion() also take `beta=`, `moi_top_k=` and
+    `soft_thinking=` for one call.
     """
 
     def __init__(
-        self, model_path: str, *, beta: Optional[float] = 1.0, moi_top_k: int = 20, n_seq_max: int = 1, **kwargs: Any
+        self,
+        model_path: str,
+        *,
+        beta: Optional[float] = 1.0,
+        moi_top_k: int = 20,
+        n_seq_max: int = 1,
+        soft_thinking: SoftThinkingArgument = None,
+        **kwargs: Any,
     ) -> None:
         self._n_seq_max = _check_n_seq_max(n_seq_max)
         self._moi_eog: Optional[frozenset[int]] = None
@@ -189,7 +220,12 @@ class Llama(llama_cpp.Llama):
         self._moi_chat_completion: Optional[dict[str, Any]] = None
         self.last_generation = GenerationCounts()
         """Token counts of the latest generate() call (also reached through the completion methods)."""
+        self.last_thinking: Optional[ThinkingReport] = None
+        """What the thinking span of the latest generate() with Soft Thinking did; None without it."""
+        self.last_batch_thinking: list[Optional[ThinkingReport]] = []
+        """Per sequence of the latest generate_batch(), what its thinking span did (None without one)."""
         beta = validate_beta(beta)
+        self._soft_thinking = resolve_soft_thinking(soft_thinking)
         model_path = os.fspath(model_path)
         refusal: Optional[str] = None
         if kwargs.get("vocab_only") or kwargs.get("embedding"):
@@ -367,8 +403,24 @@ class Llama(llama_cpp.Llama):
     def moi_top_k(self, value: int) -> None:
         self._moi_top_k = validate_top_k(value, self.n_vocab())
 
+    @property
+    def soft_thinking(self) -> Optional[SoftThinking]:
+        """Default Soft Thinking settings; None: off."""
+        return self._soft_thinking
+
+    @soft_thinking.setter
+    def soft_thinking(self, value: SoftThinkingArgument) -> None:
+        settings = resolve_soft_thinking(value)
+        if settings is not None:
+            self._require_session()
+            find_thinking_tags(self, settings)
+        self._soft_thinking = settings
+
     def __getstate__(self) -> dict[str, Any]:
-        return dict(super().__getstate__(), beta=self._beta, moi_top_k=self._moi_top_k, n_seq_max=self._n_seq_max)
+        return dict(
+            super().__getstate__(), beta=self._beta, moi_top_k=self._moi_top_k, n_seq_max=self._n_seq_max,
+            soft_thinking=self._soft_thinking,
+        )
 
     # -- per-call settings -------------------------------------------------
 
@@ -386,6 +438,7 @@ class Llama(llama_cpp.Llama):
         repeat_penalty: float = 1.0,
         seed: Optional[int] = None,
         stop_tokens: Optional[Sequence[int]] = None,
+        soft_thinking: Any = UNSET,
     ) -> list[list[int]]:
         """Generates from every prompt (a list of token lists) at once; returns the new tokens of each.
 
@@ -398,6 +451,8 @@ class Llama(llama_cpp.Llama):
         with --parallel, n_ctx is split: each sequence holds n_ctx // n_seq_max tokens,
         prompt and max_tokens included; len(prompts) must not exceed n_seq_max. Batched
         greedy sequences give the same tokens as generate() alone on this instance.
+        `soft_thinking`: one setting for all, or a list with one per prompt (None entries without);
+        last_batch_thinking then holds each sequence's ThinkingReport (None for those without).
         """
         base = self._settings(UNSET, moi_top_k)
         self._require_session()
@@ -405,22 +460,39 @@ class Llama(llama_cpp.Llama):
             raise ValueError(f"max_tokens must be an integer or None, not {type(max_tokens).__name__}")
         betas = per_sequence_betas(base.beta if beta is UNSET else beta, len(prompts))
         sampling = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty)
+        thinking = self._per_sequence_thinking(base.soft_thinking if soft_thinking is UNSET else soft_thinking, len(prompts))
         return generate_batch(
-            self, prompts, max_tokens, betas=betas, moi_top_k=base.top_k, sampling=sampling, seed=seed, stop_tokens=stop_tokens
+            self, prompts, max_tokens, betas=betas, moi_top_k=base.top_k, sampling=sampling, seed=seed, stop_tokens=stop_tokens,
+            thinking=thinking,
         )
 
-    def _settings(self, beta: Any, moi_top_k: Optional[int]) -> MoiSettings:
-        base = self._moi_call or MoiSettings(self._beta, self._moi_top_k)
+    def _per_sequence_thinking(self, value: Any, n_seq: int) -> list[Optional[tuple[SoftThinking, ThinkingTags]]]:
+        """Soft Thinking's settings and tags for each of n_seq sequences, from one value or a list of n_seq."""
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * n_seq
+        if len(values) != n_seq:
+            raise ValueError(f"soft_thinking is a list of {len(values)} values for {n_seq} prompts: give one per prompt, or one for all")
+        thinking: list[Optional[tuple[SoftThinking, ThinkingTags]]] = []
+        for entry in values:
+            settings = resolve_soft_thinking(entry)
+            thinking.append(None if settings is None else (settings, find_thinking_tags(self, settings)))
+        return thinking
+
+    def _settings(self, beta: Any, moi_top_k: Optional[int], soft_thinking: Any = UNSET) -> MoiSettings:
+        base = self._moi_call or MoiSettings(self._beta, self._moi_top_k, self._soft_thinking)
         resolved_beta = base.beta if beta is UNSET else validate_beta(beta)
         top_k = base.top_k if moi_top_k is None else validate_top_k(moi_top_k, self.n_vocab())
-        if resolved_beta is not None:
+        thinking = base.soft_thinking if soft_thinking is UNSET else resolve_soft_thinking(soft_thinking)
+        if resolved_beta is not None or thinking is not None:
             self._require_session()
-        return MoiSettings(resolved_beta, top_k)
+        if thinking is None:
+            return MoiSettings(resolved_beta, top_k)
+        tags = base.thinking_tags if thinking is base.soft_thinking and base.thinking_tags else find_thinking_tags(self, thinking)
+        return MoiSettings(resolved_beta, top_k, thinking, tags)
 
     @contextlib.contextmanager
-    def _call_scope(self, beta: Any, moi_top_k: Optional[int]) -> Iterator[None]:
+    def _call_scope(self, beta: Any, moi_top_k: Optional[int], soft_thinking: Any = UNSET) -> Iterator[None]:
         previous = self._moi_call
-        self._moi_call = self._settings(beta, moi_top_k)
+        self._moi_call = self._settings(beta, moi_top_k, soft_thinking)
         try:
             yield
         finally:
@@ -450,42 +522,52 @@ class Llama(llama_cpp.Llama):
         *args: Any,
         beta: Any = UNSET,
         moi_top_k: Optional[int] = None,
+        soft_thinking: Any = UNSET,
         n: int = 1,
         **kwargs: Any,
     ) -> Any:
-        """llama_cpp.Llama.create_completion, with `beta` and `moi_top_k` for this call.
+        """llama_cpp.Llama.create_completion, with `beta`, `moi_top_k` and `soft_thinking` for this call.
 
         n > 1 returns n choices (OpenAI style) generated together by generate_batch(),
-        choice i with seed + i; it needs n_seq_max >= n and does not stream.
+        choice i with seed + i; it needs n_seq_max >= n and does not stream. With Soft Thinking
+        the usage also holds thinking_steps (concept tokens fed), thinking_ended_by and cold_stop.
         """
-        with self._call_scope(beta, moi_top_k):
+        with self._call_scope(beta, moi_top_k, soft_thinking):
             if n == 1 and self._moi_chat_choices > 1:
                 # The chat handler asks for one completion of the formatted chat; its
                 # stop-at-end-of-turn criterion is what batched generation does anyway.
                 n = self._moi_chat_choices
                 kwargs.pop("stopping_criteria", None)
             if n == 1:
-                return super().create_completion(prompt, *args, **kwargs)
+                self.last_thinking = None
+                completion = super().create_completion(prompt, *args, **kwargs)
+                if isinstance(completion, dict) and self.last_thinking is not None:
+                    completion["usage"].update(self.last_thinking.usage())
+                return completion
             if args:
                 raise ValueError("pass the options of create_completion by name when n > 1")
             completion = completion_choices(self, prompt, n, self._moi_call, **kwargs)
             self._moi_chat_completion = completion
             return completion
 
-    def __call__(self, prompt: str, *args: Any, beta: Any = UNSET, moi_top_k: Optional[int] = None, **kwargs: Any) -> Any:
-        """llama_cpp.Llama.__call__, with `beta` and `moi_top_k` for this call."""
-        with self._call_scope(beta, moi_top_k):
+    def __call__(
+        self, prompt: str, *args: Any, beta: Any = UNSET, moi_top_k: Optional[int] = None, soft_thinking: Any = UNSET,
+        **kwargs: Any,
+    ) -> Any:
+        """llama_cpp.Llama.__call__, with `beta`, `moi_top_k` and `soft_thinking` for this call."""
+        with self._call_scope(beta, moi_top_k, soft_thinking):
             return super().__call__(prompt, *args, **kwargs)
 
     def create_chat_completion(
-        self, *args: Any, beta: Any = UNSET, moi_top_k: Optional[int] = None, n: int = 1, **kwargs: Any
+        self, *args: Any, beta: Any = UNSET, moi_top_k: Optional[int] = None, soft_thinking: Any = UNSET, n: int = 1,
+        **kwargs: Any,
     ) -> Any:
-        """llama_cpp.Llama.create_chat_completion, with `beta` and `moi_top_k` for this call.
+        """llama_cpp.Llama.create_chat_completion, with `beta`, `moi_top_k` and `soft_thinking` for this call.
 
         n > 1 returns n choices generated together, as create_completion(n=n) does; it
         does not stream and does not call tools.
         """
-        with self._call_scope(beta, moi_top_k):
+        with self._call_scope(beta, moi_top_k, soft_thinking):
             if n == 1:
                 return super().create_chat_completion(*args, **kwargs)
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -557,19 +639,22 @@ class Llama(llama_cpp.Llama):
         *,
         beta: Any = UNSET,
         moi_top_k: Optional[int] = None,
+        soft_thinking: Any = UNSET,
     ) -> Generator[int, Optional[Sequence[int]], None]:
         """llama_cpp.Llama.generate, decoding with MoI unless the resolved beta is None.
 
-        `beta` / `moi_top_k` override the instance's (or the enclosing completion call's)
-        for this generation. Positions fed a mixture are dropped from the KV cache when
-        the generation ends, so no later request reuses them as token positions.
+        `beta` / `moi_top_k` / `soft_thinking` override the instance's (or the enclosing
+        completion call's) for this generation. With Soft Thinking, a thinking step yields its
+        concept token's most probable token, and last_thinking tells what the span did.
+        Positions fed a mixture or a concept token are dropped from the KV cache when the
+        generation ends, so no later request reuses them as token positions.
         """
         pending = self._moi_next_generate
         self._moi_next_generate = None
-        if beta is UNSET and moi_top_k is None and pending is not None:
+        if beta is UNSET and moi_top_k is None and soft_thinking is UNSET and pending is not None:
             settings = pending
         else:
-            settings = self._settings(beta, moi_top_k)
+            settings = self._settings(beta, moi_top_k, soft_thinking)
         self._discard_mixed_positions()
         sampling = dict(
             top_k=top_k,
@@ -594,14 +679,22 @@ class Llama(llama_cpp.Llama):
                 f"the prompt has {len(tokens)} tokens but the context window holds {self._context_limit}: "
                 "shorten the prompt or create the model with a larger n_ctx"
             )
-        if settings.beta is None:
+        if settings.stock:
             return self._counted(len(tokens), super().generate(tokens, reset=reset, stopping_criteria=stopping_criteria, **sampling))
         if self.draft_model is not None:
             raise ValueError("MoI cannot be combined with draft_model: speculative decoding verifies token inputs")
+        if settings.soft_thinking is not None and grammar is not None:
+            raise ValueError("soft_thinking cannot be combined with a grammar: the thinking span samples no token for it to check")
         tokens = list(tokens)
         if not tokens and (reset or self._requires_eval):
             raise ValueError("generate() needs at least one prompt token")
         return self._counted(len(tokens), self._generate_moi(settings, tokens, reset, stopping_criteria, sampling))
+
+    @staticmethod
+    def _thinking_report(session: ctypes.c_void_p) -> ThinkingReport:
+        info = thinking_info()
+        check(lib.pymoi_session_thinking_info(session, ctypes.byref(info)))
+        return ThinkingReport.from_native(info)
 
     def _counted(self, prompt_tokens: int, generation: Generator[int, Optional[Sequence[int]], None]) -> Generator[int, Optional[Sequence[int]], None]:
         counts = GenerationCounts(prompt_tokens=prompt_tokens)
@@ -735,11 +828,19 @@ class Llama(llama_cpp.Llama):
         session = self._require_session()
         self._save_prompt_checkpoint()
         token = ctypes.c_int32(0)
+        thinking = settings.soft_thinking is not None
         try:
-            check(lib.pymoi_session_begin(session, settings.beta, settings.top_k))
+            check(lib.pymoi_session_begin(session, math.inf if settings.beta is None else settings.beta, settings.top_k))
             check(lib.pymoi_session_share_top_k(session, chain_top_k(sampling, self.last_n_tokens_size)))
+            if thinking:
+                assert settings.soft_thinking is not None and settings.thinking_tags is not None
+                tags = settings.thinking_tags
+                native = native_settings(settings.soft_thinking, tags, self._seed, starts_thinking(self._input_ids[: self.n_tokens], tags))
+                check(lib.pymoi_session_soft_thinking(session, ctypes.byref(native)))
             check(lib.pymoi_session_step(session, sampler, self.n_tokens, ctypes.byref(token)))
             while True:
+                if thinking:
+                    self.last_thinking = self._thinking_report(session)
                 if stopping_criteria is not None and stopping_criteria(
                     self._input_ids[: self.n_tokens], self._current_logits()
                 ):
