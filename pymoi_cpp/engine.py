@@ -28,6 +28,7 @@ from llama_cpp._internals import LlamaSampler
 from .batch import NativeBatch
 from .llama import GenerationCounts, Llama, check_grammar
 from .mixing import chain_top_k
+from .soft_thinking import SoftThinking, ThinkingReport, ThinkingTags, native_settings, starts_thinking
 from .teacher_forcing import ScoreReader, TeacherForcing
 
 
@@ -98,8 +99,11 @@ class Generation(Job):
         interrupt: Optional[threading.Event] = None,
         settling: bool = False,
         cache_prompt: bool = True,
+        thinking: Any = None,
     ) -> None:
         super().__init__(prompt, interrupt=interrupt, cache_prompt=cache_prompt)
+        self.thinking = thinking  # Soft Thinking's native settings (soft_thinking.native_settings), or None
+        self.thinking_report: Optional[ThinkingReport] = None  # what its span has done, after each step
         self.settling = settling  # the engine's own: a finished reply evaluated as tokens in idle time
         self.sampler = sampler  # a llama_cpp LlamaSampler, alive until the sequence is finished
         self.native_beta = math.inf if beta is None else beta
@@ -352,7 +356,7 @@ class Engine:
             try:
                 generation.cached_tokens = self._batch.add(
                     seq, generation.sampler, generation.native_beta, generation.top_k, generation.prompt, n_keep,
-                    generation.chain_top_k,
+                    generation.chain_top_k, generation.thinking,
                 )
             except Exception as error:
                 generation._end(error)
@@ -376,6 +380,8 @@ class Engine:
                 if token < 0 or not isinstance(generation, Generation):
                     continue
                 logits = self._batch.logits(seq) if generation.keep_logits else None
+                if generation.thinking is not None:
+                    generation.thinking_report = self._batch.thinking(seq)
                 if generation._deliver(token, logits):
                     self._release(seq)
         self._score_step()
@@ -508,8 +514,10 @@ class EngineModel:
         keep_logits: bool = False,
         interrupt: Optional[threading.Event] = None,
         cache_prompt: bool = True,
+        soft_thinking: Optional[tuple[SoftThinking, ThinkingTags]] = None,
     ) -> None:
         self._engine = engine
+        self._soft_thinking = soft_thinking
         self._cache_prompt = cache_prompt
         self._llm = engine.llm
         self._beta = beta
@@ -536,6 +544,12 @@ class EngineModel:
             return GenerationCounts()
         handed_out = generation.generated[: self._handed_out]
         return GenerationCounts(len(generation.prompt), sum(token not in generation.stop_tokens for token in handed_out))
+
+    @property
+    def last_thinking(self) -> Optional[ThinkingReport]:
+        """What the thinking span of this view's generation did; None without Soft Thinking."""
+        generation = self._generation
+        return generation.thinking_report if isinstance(generation, Generation) else None
 
     @property
     def cached_tokens(self) -> int:
@@ -582,6 +596,12 @@ class EngineModel:
                 "shorten the prompt or start the server with a larger context"
             )
         check_grammar(self._llm._model.vocab, sampling.get("grammar"))
+        thinking = None
+        if self._soft_thinking is not None:
+            if sampling.get("grammar") is not None:
+                raise ValueError("soft_thinking cannot be combined with a grammar: the thinking span samples no token for it to check")
+            settings, tags = self._soft_thinking
+            thinking = native_settings(settings, tags, self._seed, starts_thinking(tokens, tags))
         sampler = self._init_sampler(**sampling)
         room = self._n_ctx - len(tokens)
         limit = room if self.max_tokens_hint is None or self.max_tokens_hint <= 0 else min(room, self.max_tokens_hint)
@@ -589,7 +609,7 @@ class EngineModel:
         generation = Generation(
             tokens, sampler, beta=self._beta, top_k=self._moi_top_k, chain_top_k=shared_k, max_tokens=limit,
             stop_tokens=self._llm.end_of_generation_tokens, keep_logits=self._keep_logits, interrupt=self._interrupt,
-            cache_prompt=self._cache_prompt,
+            cache_prompt=self._cache_prompt, thinking=thinking,
         )
         self._generation = generation
         self._engine.submit(generation)

@@ -50,6 +50,7 @@ from .batch import completion_prompt_parts
 from .engine import Engine, EngineBusy, EngineClosed, EngineModel
 from .llama import Llama, check_logit_bias
 from .mixing import validate_beta, validate_top_k
+from .soft_thinking import SoftThinking, find_thinking_tags, resolve_soft_thinking
 from .teacher_forcing import check_echo_max_tokens, echo_completion, score_alone
 
 # llama-cpp-python's routes that pymoi serves unchanged; they do not touch the context.
@@ -144,6 +145,12 @@ class MoiFields(BaseModel):
         default=None, ge=1,
         description="Candidate tokens in each mixture; absent or null: the server's --moi-top-k. Also as a string.",
     )
+    soft_thinking: Optional[Union[bool, str, dict[str, Any]]] = Field(
+        default=None,
+        description="Soft Thinking for this request (reasoning models): true for the defaults, or an object of its "
+        "settings (top_k, temperature, top_p, min_p, gumbel_temperature, cold_stop_entropy, cold_stop_steps, "
+        "max_thinking_tokens, open_tag, close_tag); absent: the server's; null or false: off.",
+    )
     cache_prompt: Optional[bool] = Field(
         default=None,
         description="Reuse the KV cells an earlier prompt that starts alike left (llama-server's field); false reads the "
@@ -166,6 +173,19 @@ class MoiFields(BaseModel):
             return float(word)
         except ValueError:
             raise ValueError(f"'{value}' is not a beta: a number >= 0, 'direct' (or <= -99), or 'none'") from None
+
+    @field_validator("soft_thinking", mode="before")
+    @classmethod
+    def soft_thinking_word(cls, value: Any) -> Any:
+        """soft_thinking sent as a word ('true', 'false', 'none'), as lm-evaluation-harness may pass it."""
+        if not isinstance(value, str):
+            return value
+        word = value.strip().lower()
+        if word in ("true", "on"):
+            return True
+        if word in (*NULL_WORDS, "false", "off"):
+            return False
+        raise ValueError(f"'{value}' is not a soft_thinking setting: true, false, or an object of its settings")
 
     @field_validator("moi_top_k", mode="before")
     @classmethod
@@ -252,14 +272,24 @@ class ServedModel:
         return self.llm
 
     def moi_arguments(self, body: MoiFields) -> dict[str, Any]:
-        """The request's beta and moi_top_k, the server's where the request gives none."""
+        """The request's beta, moi_top_k and soft_thinking (its settings as a dict, or None), the server's where
+        the request gives none."""
         beta = body.beta if "beta" in body.model_fields_set else self.llm.beta
         top_k = self.llm.moi_top_k if body.moi_top_k is None else body.moi_top_k
         with client_errors("beta"):
             beta = validate_beta(beta)
         with client_errors("moi_top_k"):
             top_k = validate_top_k(top_k, self.llm.n_vocab())
-        return {"beta": beta, "moi_top_k": top_k}
+        thinking: Optional[SoftThinking] = self.llm.soft_thinking
+        if "soft_thinking" in body.model_fields_set:
+            with client_errors("soft_thinking"):
+                thinking = resolve_soft_thinking(body.soft_thinking)
+        if thinking is not None:
+            if self.engine is None:
+                raise RequestError(400, f"this server decodes ordinarily only: {self.llm.moi_refusal}", param="soft_thinking")
+            with client_errors("soft_thinking"):
+                find_thinking_tags(self.llm, thinking)
+        return {"beta": beta, "moi_top_k": top_k, "soft_thinking": None if thinking is None else thinking.as_dict()}
 
     def choice_models(
         self, moi: dict[str, Any], n: int, seed: Optional[int], logprobs: bool, client_left: threading.Event, cache_prompt: bool
@@ -270,10 +300,14 @@ class ServedModel:
                 raise RequestError(400, f"this server decodes ordinarily only: {self.llm.moi_refusal}", param="beta")
             return [self.llm]
         base = random.getrandbits(32) if seed is None else seed
+        thinking = None
+        if moi["soft_thinking"] is not None:
+            settings = SoftThinking(**moi["soft_thinking"])
+            thinking = (settings, find_thinking_tags(self.llm, settings))
         return [
             EngineModel(
                 self.engine, beta=moi["beta"], moi_top_k=moi["moi_top_k"], seed=(base + index) & 0xFFFFFFFF,
-                keep_logits=logprobs, interrupt=client_left, cache_prompt=cache_prompt,
+                keep_logits=logprobs, interrupt=client_left, cache_prompt=cache_prompt, soft_thinking=thinking,
             )
             for index in range(n)
         ]
@@ -334,7 +368,9 @@ class ServedModel:
                 model.max_tokens_hint = kwargs.get("max_tokens")
                 with client_errors(sequence=self.sequence):
                     response = call(model, prompt, seed=model._seed)
-                return response if body.stream else with_cached_tokens(response, model.cached_tokens)
+                if body.stream:
+                    return response
+                return with_thinking(with_cached_tokens(response, model.cached_tokens), model.last_thinking)
             with client_errors(sequence=self.sequence), model.interruptible(client_left):
                 if not cache_prompt:
                     model.reset()  # the next generate() reads the whole prompt again
@@ -435,7 +471,7 @@ class ServedModel:
                     tokens = {"prompt_tokens": counts.prompt_tokens, "completion_tokens": counts.completion_tokens}
                     tokens["total_tokens"] = counts.prompt_tokens + counts.completion_tokens
                     final = with_cached_tokens({**last, "choices": [], "usage": tokens}, usage.cached_tokens)
-                    yield json.dumps(with_moi(final, moi))
+                    yield json.dumps(with_moi(with_thinking(final, usage.last_thinking), moi))
             yield "[DONE]"
 
         async def finish() -> None:
@@ -485,9 +521,11 @@ class ServedModel:
 
 
 class _AloneUsage:
-    """A model without an engine as ServedModel.stream reads a stream's usage: none of its prompt is reported cached."""
+    """A model without an engine as ServedModel.stream reads a stream's usage: none of its prompt is reported cached,
+    and it does not think (Soft Thinking needs the engine)."""
 
     cached_tokens = 0
+    last_thinking = None
 
     def __init__(self, llm: Llama) -> None:
         self._llm = llm
@@ -619,6 +657,14 @@ def with_cached_tokens(response: dict[str, Any], cached: int) -> dict[str, Any]:
     return {**response, "usage": {**response["usage"], "prompt_tokens_details": {"cached_tokens": cached}}}
 
 
+def with_thinking(response: dict[str, Any], report: Any) -> dict[str, Any]:
+    """The response with usage.thinking_steps, thinking_ended_by and cold_stop where the generation had Soft
+    Thinking (report: its soft_thinking.ThinkingReport, or None)."""
+    if report is None:
+        return response
+    return {**response, "usage": {**response["usage"], **report.usage()}}
+
+
 def merged_choices(results: list[dict[str, Any]], n: int) -> dict[str, Any]:
     """One response holding the choices of single-choice responses, n of each prompt in the prompts' order
     (choice i of prompt j at index j * n + i, as OpenAI's API orders them); each prompt's tokens count once."""
@@ -636,6 +682,16 @@ def merged_choices(results: list[dict[str, Any]], n: int) -> dict[str, Any]:
     if "prompt_tokens_details" in merged["usage"]:
         cached = sum(result["usage"]["prompt_tokens_details"]["cached_tokens"] for result in firsts)
         merged["usage"]["prompt_tokens_details"] = {"cached_tokens": cached}
+    if "thinking_steps" in merged["usage"]:
+        # Per choice in the choice; in all, the concept tokens of every choice.
+        merged["choices"] = [
+            {**choice, "thinking": {key: result["usage"][key] for key in ("thinking_steps", "thinking_ended_by", "cold_stop")}}
+            for choice, result in zip(merged["choices"], results)
+        ]
+        merged["usage"]["thinking_steps"] = sum(result["usage"]["thinking_steps"] for result in results)
+        merged["usage"]["cold_stop"] = any(result["usage"]["cold_stop"] for result in results)
+        ended = {result["usage"]["thinking_ended_by"] for result in results}
+        merged["usage"]["thinking_ended_by"] = ended.pop() if len(ended) == 1 else "mixed"
     return merged
 
 
