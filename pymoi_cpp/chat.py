@@ -179,4 +179,4 @@ class Chat:
             self.turns.pop()
         counts = self.llm.last_generation
         rate = timer.tokens_per_second(counts.completion_tokens)
-        self.status.line(describe_rate(counts.completion_tokens, rate, self.llm.beta))
+        self.status.line(describe_rate(counts.completion_tokens, rate, self.llm.beta, self.llm.last_thinking))

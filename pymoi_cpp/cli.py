@@ -115,6 +115,7 @@ def model_options(sampling_flags: bool = True, ctx_help: Optional[str] = None) -
     moi.add_argument("--beta", metavar="BETA", type=parse_beta, default=1.0, help="MoI strength: >= 0, 'direct', or 'off' (default 1.0)")
     moi.add_argument("--no-moi", action="store_true", help="ordinary decoding (same as --beta off)")
     moi.add_argument("--moi-top-k", metavar="K", type=positive_int, default=20, help="candidate tokens in each mixture (default 20)")
+    add_soft_thinking_flags(shared)
     if sampling_flags:
         add_sampling_flags(shared)
     runtime = shared.add_argument_group("runtime")
@@ -127,6 +128,52 @@ def model_options(sampling_flags: bool = True, ctx_help: Optional[str] = None) -
     runtime.add_argument("--quiet", action="store_true", help="no load progress and no statistics")
     runtime.add_argument("--verbose", action="store_true", help="llama.cpp's own log on stderr (by default only pymoi's messages)")
     return shared
+
+
+def add_soft_thinking_flags(parser: argparse.ArgumentParser) -> None:
+    thinking = parser.add_argument_group(
+        "soft thinking", "reasoning models think in concept tokens inside <think> ... </think>; the answer after it uses --beta"
+    )
+    thinking.add_argument("--soft-thinking", action="store_true", help="turn Soft Thinking on (defaults below, as the authors' scripts)")
+    thinking.add_argument("--think-top-k", metavar="K", type=positive_int, default=10, help="candidate tokens in a concept token (default 10)")
+    thinking.add_argument("--think-temp", metavar="T", type=float, default=0.6, help="temperature of the concept distribution (default 0.6)")
+    thinking.add_argument("--think-top-p", metavar="P", type=float, default=0.95, help="its nucleus (default 0.95)")
+    thinking.add_argument("--think-min-p", metavar="P", type=float, default=0.001, help="its minimum probability relative to the top (default 0.001)")
+    thinking.add_argument(
+        "--think-noise", metavar="T", type=float, default=None, help="Gumbel-softmax noise at temperature T, seeded by --seed (default none; 0.5 in the follow-up study)"
+    )
+    thinking.add_argument(
+        "--cold-stop-entropy", metavar="H", type=float, default=0.01, help="Cold Stop: entropy threshold in nats (default 0.01)"
+    )
+    thinking.add_argument(
+        "--cold-stop-steps", metavar="N", type=non_negative_int, default=256,
+        help="Cold Stop after N concept tokens in a row below the threshold; 0 turns it off (default 256)",
+    )
+    thinking.add_argument(
+        "--max-thinking-tokens", metavar="N", type=non_negative_int, default=None, help="thinking budget in concept tokens (default none)"
+    )
+    thinking.add_argument("--think-tags", metavar="OPEN,CLOSE", default=None, help="the span's tags (default: found, <think>,</think> first)")
+
+
+def soft_thinking_settings(args: argparse.Namespace) -> Any:
+    """The SoftThinking of the flags, or None without --soft-thinking; CommandError for a bad value."""
+    if not getattr(args, "soft_thinking", False):
+        return None
+    from .soft_thinking import SoftThinking
+
+    open_tag = close_tag = None
+    if args.think_tags is not None:
+        open_tag, _, close_tag = args.think_tags.partition(",")
+        if not open_tag or not close_tag:
+            raise CommandError(f"--think-tags takes OPEN,CLOSE (e.g. '<think>,</think>'); got {args.think_tags!r}", EXIT_USAGE)
+    try:
+        return SoftThinking(
+            top_k=args.think_top_k, temperature=args.think_temp, top_p=args.think_top_p, min_p=args.think_min_p,
+            gumbel_temperature=args.think_noise, cold_stop_entropy=args.cold_stop_entropy, cold_stop_steps=args.cold_stop_steps,
+            max_thinking_tokens=args.max_thinking_tokens, open_tag=open_tag, close_tag=close_tag,
+        )
+    except ValueError as error:
+        raise CommandError(str(error).replace("soft_thinking.", "--soft-thinking: "), EXIT_USAGE) from None
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -342,11 +389,19 @@ def load_model(args: argparse.Namespace, status: Status) -> Any:
         raise CommandError(str(error), EXIT_USAGE) from None
     except ValueError as error:
         raise CommandError(f"cannot use '{path}': {error}", EXIT_USAGE) from None
+    thinking = soft_thinking_settings(args)
+    if thinking is not None:
+        try:
+            llm.soft_thinking = thinking
+        except ValueError as error:
+            llm.close()
+            raise CommandError(f"cannot use '{path}' with --soft-thinking: {error}", EXIT_USAGE) from None
     architecture = llm.metadata.get("general.architecture", "?")
     context = f"{llm._context_limit}" if llm.n_seq_max == 1 else f"{llm._context_limit} per sequence x {llm.n_seq_max}"
     status.line(
         f"loaded {name} in {time.perf_counter() - start:.1f} s: {architecture}, context {context}, "
         f"{'GPU layers ' + str(n_gpu_layers) if n_gpu_layers else 'CPU'}, beta {describe_beta(llm.beta)}"
+        f"{', soft thinking' if thinking is not None else ''}"
     )
     return llm
 
@@ -439,6 +494,8 @@ def run_generate(args: argparse.Namespace) -> int:
             "completion_tokens": counts.completion_tokens,
             "beta": llm.beta,
             "moi_top_k": llm.moi_top_k,
+            "soft_thinking": None if llm.soft_thinking is None else llm.soft_thinking.as_dict(),
+            "thinking": None if llm.last_thinking is None else llm.last_thinking.usage(),
             "sampling": {"temp": args.temp, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p, "seed": args.seed},
             "timings": {
                 "load_s": round(load_seconds, 4),
@@ -450,7 +507,7 @@ def run_generate(args: argparse.Namespace) -> int:
         json.dump(result, sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")
     else:
-        status.line(describe_rate(counts.completion_tokens, rate, llm.beta))
+        status.line(describe_rate(counts.completion_tokens, rate, llm.beta, llm.last_thinking))
     llm.close()
     return EXIT_OK
 

@@ -72,10 +72,15 @@ def parse_beta(text: str) -> Optional[float]:
         ) from error
 
 
-def describe_rate(tokens: int, rate: float, beta: Optional[float]) -> str:
-    """The statistics line after a reply: tokens, tokens/s and beta."""
+def describe_rate(tokens: int, rate: float, beta: Optional[float], thinking: Any = None) -> str:
+    """The statistics line after a reply: tokens, tokens/s and beta, and with Soft Thinking (`thinking`, a
+    soft_thinking.ThinkingReport) the concept tokens and what ended the span."""
     speed = "" if math.isnan(rate) else f", {rate:.1f} tok/s"
-    return f"{tokens} token{'' if tokens == 1 else 's'}{speed}, beta {describe_beta(beta)}"
+    line = f"{tokens} token{'' if tokens == 1 else 's'}{speed}, beta {describe_beta(beta)}"
+    if thinking is not None:
+        ended = {"close_tag": "closed by the model", "cold_stop": "Cold Stop", "budget": "budget spent"}.get(thinking.ended_by, "open")
+        line += f", thought {thinking.steps} concept token{'' if thinking.steps == 1 else 's'} ({ended})"
+    return line
 
 
 def describe_beta(beta: Optional[float]) -> str:

@@ -56,6 +56,8 @@ class SoftThinking:
             above = value > low if open_low else value >= low
             below = value < high if open_high else value <= high
             if not (above and below and math.isfinite(value)):
+                if math.isinf(high):
+                    raise ValueError(f"soft_thinking.{name} must be {'>' if open_low else '>='} {low:g}; got {value!r}")
                 interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
                 raise ValueError(f"soft_thinking.{name} must be in {interval}; got {value!r}")
 
@@ -67,12 +69,12 @@ class SoftThinking:
                 raise ValueError(f"soft_thinking.{name} must be an integer >= {low}{' or None' if optional else ''}; got {value!r}")
 
         integer("top_k", 1)
-        number("temperature", 0.0, 1e30, open_low=True)
+        number("temperature", 0.0, open_low=True)
         number("top_p", 0.0, 1.0, open_low=True)
         number("min_p", 0.0, 1.0, open_high=True)
         if self.gumbel_temperature is not None:
-            number("gumbel_temperature", 0.0, 1e30, open_low=True)
-        number("cold_stop_entropy", 0.0, 1e30)
+            number("gumbel_temperature", 0.0, open_low=True)
+        number("cold_stop_entropy", 0.0)
         integer("cold_stop_steps", 0)
         integer("max_thinking_tokens", 0, optional=True)
         for name in ("open_tag", "close_tag"):
@@ -134,7 +136,7 @@ def find_thinking_tags(llm: Any, settings: SoftThinking) -> ThinkingTags:
     looked_for = ", ".join(f"{a} ... {b}" for a, b in pairs)
     raise ValueError(
         f"Soft Thinking needs a thinking span's tags, each one token of the vocabulary; this model has none of {looked_for}: "
-        "use a reasoning model, or name its tags with open_tag= and close_tag="
+        "use a reasoning model, or name its tags (open_tag and close_tag; --think-tags OPEN,CLOSE on the command line)"
     )
 
 

@@ -6,8 +6,11 @@ budget), and the settings' errors."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import pathlib
+import subprocess
+import sys
 from typing import Any, Optional
 
 import llama_cpp
@@ -140,7 +143,7 @@ def test_logits_without_a_distribution_are_an_error(logits: np.ndarray, message:
     "fields, message",
     [
         ({"top_k": 0}, "top_k must be an integer >= 1"),
-        ({"temperature": 0.0}, r"temperature must be in \(0"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
         ({"temperature": math.nan}, "temperature must be a number"),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
@@ -322,10 +325,54 @@ def test_a_seed_reproduces_gumbel_noise(thinking_dir: pathlib.Path) -> None:
 def test_a_model_without_tags_is_a_clear_error(smollm2_path: str) -> None:
     llm = pymoi_cpp.Llama(smollm2_path, n_ctx=512, beta=None, verbose=False)
     try:
-        with pytest.raises(ValueError, match=r"<think> \.\.\. </think>.*open_tag= and close_tag="):
+        with pytest.raises(ValueError, match=r"<think> \.\.\. </think>.*name its tags \(open_tag and close_tag"):
             llm.create_completion("Hello", max_tokens=4, soft_thinking=True)
         with pytest.raises(ValueError, match="grammar"):
             list(llm.generate([1, 2, 3], soft_thinking=SoftThinking(open_tag="<filename>", close_tag="<gh_stars>"),
                               grammar=llama_cpp.LlamaGrammar.from_string('root ::= "a"', verbose=False)))
     finally:
         llm.close()
+
+
+# -- command line -----------------------------------------------------------------------------------------
+
+PYMOI = pathlib.Path(sys.executable).with_name("pymoi")
+
+
+def pymoi(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(PYMOI), *args], capture_output=True, text=True, timeout=600)
+
+
+def test_the_command_line_thinks_and_reports(thinking_dir: pathlib.Path) -> None:
+    path = tiny_with_tags(thinking_dir, "cli-certain", TINY_OPEN, TINY_CLOSE, output_scale=1000.0)
+    done = pymoi("generate", path, "-p", "t1 t2<think>", "--soft-thinking", "--cold-stop-steps", "3", "--max-tokens", "12",
+                 "--temp", "0", "--json", "--ctx", "512")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["thinking"] == {"thinking_steps": 3, "thinking_ended_by": "cold_stop", "cold_stop": True}
+    assert result["soft_thinking"]["cold_stop_steps"] == 3 and result["soft_thinking"]["top_k"] == 10
+    done = pymoi("generate", path, "-p", "t1 t2<think>", "--soft-thinking", "--max-thinking-tokens", "2", "--max-tokens", "8",
+                 "--temp", "0", "--ctx", "512", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["thinking"] == {"thinking_steps": 2, "thinking_ended_by": "budget", "cold_stop": False}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--think-temp", "0"], "--soft-thinking: temperature must be > 0"),
+        (["--think-tags", "<think>"], "--think-tags takes OPEN,CLOSE"),
+        (["--think-top-p", "2"], "--soft-thinking: top_p must be in (0, 1]"),
+    ],
+)
+def test_bad_flags_are_a_usage_error(flags: list[str], message: str) -> None:
+    done = pymoi("generate", "-p", "Hi", "--soft-thinking", *flags)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_model_without_tags_is_a_usage_error_on_the_command_line() -> None:
+    done = pymoi("generate", "-p", "Hi", "--soft-thinking", "--max-tokens", "4")
+    assert done.returncode == 2
+    assert "with --soft-thinking" in done.stderr and "--think-tags OPEN,CLOSE" in done.stderr
+    done = pymoi("generate", "-p", "Hi", "--soft-thinking", "--think-tags", "<filename>,<gh_stars>", "--max-tokens", "4")
+    assert done.returncode == 0, done.stderr

@@ -115,7 +115,7 @@ def test_a_chat_request_reports_its_thinking(server: Server) -> None:
         ({"temperature": -1}, "temperature"),
         ({"budget": 3}, "no field budget"),
         ("maybe", "not a soft_thinking setting"),
-        (True, "open_tag= and close_tag="),
+        (True, "name its tags"),
         ({"open_tag": "<nope>", "close_tag": "</nope>"}, "<nope> ... </nope>"),
     ],
 )
