@@ -130,11 +130,13 @@ def model_options(sampling_flags: bool = True, ctx_help: Optional[str] = None) -
     return shared
 
 
-def add_soft_thinking_flags(parser: argparse.ArgumentParser) -> None:
+def add_soft_thinking_flags(parser: argparse.ArgumentParser, switch: bool = True) -> None:
+    """The settings of Soft Thinking; with `switch`, --soft-thinking that turns it on."""
     thinking = parser.add_argument_group(
         "soft thinking", "reasoning models think in concept tokens inside <think> ... </think>; the answer after it uses --beta"
     )
-    thinking.add_argument("--soft-thinking", action="store_true", help="turn Soft Thinking on (defaults below, as the authors' scripts)")
+    if switch:
+        thinking.add_argument("--soft-thinking", action="store_true", help="turn Soft Thinking on (defaults below, as the authors' scripts)")
     thinking.add_argument("--think-top-k", metavar="K", type=positive_int, default=10, help="candidate tokens in a concept token (default 10)")
     thinking.add_argument("--think-temp", metavar="T", type=float, default=0.6, help="temperature of the concept distribution (default 0.6)")
     thinking.add_argument("--think-top-p", metavar="P", type=float, default=0.95, help="its nucleus (default 0.95)")
@@ -159,7 +161,13 @@ def soft_thinking_settings(args: argparse.Namespace) -> Any:
     """The SoftThinking of the flags, or None without --soft-thinking; CommandError for a bad value."""
     if not getattr(args, "soft_thinking", False):
         return None
+    return thinking_flags(args)
+
+
+def thinking_flags(args: argparse.Namespace) -> Any:
+    """The SoftThinking of the flags; CommandError for a bad value."""
     from .soft_thinking import SoftThinking
+
 
     open_tag = close_tag = None
     if args.think_tags is not None:
@@ -305,8 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--system", metavar="TEXT", default=None, help="a system message before each problem (default none)")
     evaluate.add_argument(
-        "--betas", metavar="LIST", default="none,0.5,1,2,direct",
-        help="configurations: numbers >= 0, 'none' (ordinary decoding, the reference), 'direct' (default none,0.5,1,2,direct)",
+        "--betas", metavar="LIST", default=None,
+        help="configurations: numbers >= 0, 'none' (ordinary decoding, the reference), 'direct', 'soft' (Soft Thinking, "
+        "ordinary answer), 'soft+B' (Soft Thinking, MoI answer at beta B) (default none,0.5,1,2,direct)",
+    )
+    evaluate.add_argument(
+        "--modes", metavar="LIST", default=None,
+        help="the same as --betas by name: standard (none), moi (beta 1), soft (Soft Thinking); e.g. standard,moi,soft",
     )
     evaluate.add_argument("--seed", metavar="N", type=int, default=0, help="problem and sampling seed (default 0)")
     evaluate.add_argument("--samples", metavar="N", type=positive_int, default=1, help="samples per problem (default 1)")
@@ -319,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plot", metavar="FILE.png", default=None, help="accuracy per beta with 95%% intervals (needs matplotlib)")
     evaluate.add_argument("--n-gpu-layers", metavar="N", type=int, default=None, help="layers to offload to the GPU (default: all with a GPU backend)")
     evaluate.add_argument("--threads", metavar="N", type=positive_int, default=None, help=f"CPU threads (default {default_threads()})")
+    add_soft_thinking_flags(evaluate, switch=False)
     evaluate.add_argument("--quiet", action="store_true", help="no load line and no progress bar")
     evaluate.add_argument("--verbose", action="store_true", help="llama.cpp's own log on stderr")
     tools = commands.add_parser(
@@ -597,18 +611,22 @@ def eval_task(args: argparse.Namespace) -> tuple[Any, int, int]:
 def run_eval(args: argparse.Namespace) -> int:
     from jinja2 import TemplateError
 
-    from .evaluation.runner import Evaluation, Settings, format_table, parse_configurations, plot
+    from .evaluation.runner import Evaluation, Settings, format_table, parse_configurations, parse_modes, plot
     from .reporting import Progress, pyplot
+    from .soft_thinking import find_thinking_tags
 
     if args.plot:
         try:
             pyplot()  # before the evaluation, not after it
         except RuntimeError as error:
             raise CommandError(str(error)) from None
+    if args.betas is not None and args.modes is not None:
+        raise CommandError("give --betas or --modes, not both", EXIT_USAGE)
     try:
-        configurations = parse_configurations(args.betas)
+        betas = parse_modes(args.modes) if args.modes is not None else args.betas or "none,0.5,1,2,direct"
+        configurations = parse_configurations(betas, thinking_flags(args))
     except ValueError as error:
-        raise CommandError(f"--betas: {error}", EXIT_USAGE) from None
+        raise CommandError(f"{'--modes' if args.modes is not None else '--betas'}: {error}", EXIT_USAGE) from None
     if not 0 < args.top_p <= 1 or args.temp < 0:
         raise CommandError("--temp must be >= 0 and --top-p in (0, 1]", EXIT_USAGE)
     task, problems, longest_message = eval_task(args)
@@ -624,6 +642,12 @@ def run_eval(args: argparse.Namespace) -> int:
     status = Status(sys.stderr, args.quiet)
     llm = load_model(args, status)
     try:
+        thinking = next((c.soft_thinking for c in configurations if c.soft_thinking is not None), None)
+        if thinking is not None:
+            try:
+                find_thinking_tags(llm, thinking)
+            except ValueError as error:
+                raise CommandError(f"cannot use '{llm.model_path}' with Soft Thinking: {error}", EXIT_USAGE) from None
         try:
             evaluation = Evaluation(llm, task, settings, configurations, system=args.system)
         except TemplateError as error:

@@ -376,3 +376,29 @@ def test_a_model_without_tags_is_a_usage_error_on_the_command_line() -> None:
     assert "with --soft-thinking" in done.stderr and "--think-tags OPEN,CLOSE" in done.stderr
     done = pymoi("generate", "-p", "Hi", "--soft-thinking", "--think-tags", "<filename>,<gh_stars>", "--max-tokens", "4")
     assert done.returncode == 0, done.stderr
+
+
+def test_eval_compares_standard_moi_and_soft_thinking(thinking_dir: pathlib.Path) -> None:
+    """pymoi eval --modes standard,moi,soft: the same problems and seeds under each; the soft rows report their
+    concept tokens (Cold Stop after 3 on the certain model, the prompt ending in <think> through --template)."""
+    path = tiny_with_tags(thinking_dir, "eval-certain", TINY_OPEN, TINY_CLOSE, output_scale=1000.0)
+    problems = thinking_dir / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"question": f"{a} plus {a}", "answer": 2 * a}) + "\n" for a in range(1, 5)))
+    out = thinking_dir / "eval.json"
+    done = pymoi("eval", str(problems), path, "--modes", "standard,moi,soft", "--template", "{question}<think>",
+                 "--cold-stop-steps", "3", "--max-tokens", "10", "--parallel", "2", "--out", str(out), "--quiet")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    rows = {row["configuration"]: row for row in result["configurations"]}
+    assert list(rows) == ["none", "1", "soft"]
+    assert rows["soft"]["soft_thinking"]["cold_stop_steps"] == 3 and rows["none"]["soft_thinking"] is None
+    assert rows["soft"]["mean_thinking_steps"] == 3 and rows["soft"]["cold_stops"] == 4
+    assert "vs_none" in rows["soft"] and rows["soft"]["trials"] == 4
+    soft = [record for record in result["records"] if record["configuration"] == "soft"]
+    assert all(record["thinking_steps"] == 3 and record["thinking_ended_by"] == "cold_stop" for record in soft)
+    assert all(record["thinking_steps"] is None for record in result["records"] if record["configuration"] != "soft")
+    for flags, message in ((["--modes", "standard,fast"], "'fast' is not a mode"), (["--modes", "soft", "--betas", "1"], "not both")):
+        done = pymoi("eval", str(problems), path, *flags)
+        assert done.returncode == 2 and message in done.stderr
+    done = pymoi("eval", str(problems), "--modes", "standard,soft", "--max-tokens", "4")
+    assert done.returncode == 2 and "with Soft Thinking" in done.stderr

@@ -14,6 +14,7 @@ from .. import __version__
 from ..batch import completion_prompt_tokens
 from ..chat_format import chat_formatter
 from ..reporting import Progress, StopOnInterrupt, pyplot
+from ..soft_thinking import SoftThinking
 from .problems import Task, Verdict
 from .statistics import mcnemar_exact, paired_counts, wilson_interval
 
@@ -25,24 +26,49 @@ DIRECT_BETA = -100.0
 class Configuration:
     label: str
     beta: Optional[float]
+    soft_thinking: Optional[SoftThinking] = None  # Soft Thinking inside the thinking span, the answer with `beta`
 
 
-def parse_configurations(text: str) -> list[Configuration]:
-    """'none,0.5,1,2,direct' -> configurations; ValueError naming the bad entry."""
+# The names of --modes: ordinary decoding, MoI at beta 1, Soft Thinking with an ordinary answer.
+MODES = {"standard": "none", "moi": "1", "soft": "soft"}
+
+
+def parse_modes(text: str) -> str:
+    """'standard,moi,soft' -> the --betas entries they stand for; ValueError naming an unknown mode."""
+    entries = []
+    for mode in (part.strip().lower() for part in text.split(",")):
+        if mode not in MODES:
+            raise ValueError(f"'{mode}' is not a mode: use {', '.join(MODES)}")
+        entries.append(MODES[mode])
+    return ",".join(entries)
+
+
+def parse_beta_entry(entry: str) -> tuple[str, Optional[float]]:
+    """'none', 'direct' or a number >= 0 -> (label, beta); ValueError naming the bad entry."""
+    if entry in ("none", "off"):
+        return REFERENCE, None
+    if entry == "direct":
+        return "direct", DIRECT_BETA
+    try:
+        beta = float(entry)
+    except ValueError:
+        raise ValueError(f"'{entry}' is not a beta: use numbers >= 0, 'none' (ordinary decoding), 'direct' or 'soft'") from None
+    if not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta {entry} is out of range: use numbers >= 0, 'none' or 'direct'")
+    return f"{beta:g}", beta
+
+
+def parse_configurations(text: str, thinking: Optional[SoftThinking] = None) -> list[Configuration]:
+    """'none,0.5,1,2,direct,soft,soft+1' -> configurations ('soft': Soft Thinking with `thinking`'s settings,
+    the defaults without, and an ordinary answer; 'soft+B': the answer with MoI at beta B); ValueError naming
+    the bad entry."""
     configurations: list[Configuration] = []
     for entry in (part.strip().lower() for part in text.split(",")):
-        if entry in ("none", "off"):
-            configuration = Configuration(REFERENCE, None)
-        elif entry == "direct":
-            configuration = Configuration("direct", DIRECT_BETA)
+        if entry == "soft" or entry.startswith("soft+"):
+            label, beta = parse_beta_entry(entry.partition("+")[2] or "none")
+            configuration = Configuration("soft" if beta is None else f"soft+{label}", beta, thinking or SoftThinking())
         else:
-            try:
-                beta = float(entry)
-            except ValueError:
-                raise ValueError(f"'{entry}' is not a beta: use numbers >= 0, 'none' (ordinary decoding) or 'direct'") from None
-            if not (math.isfinite(beta) and beta >= 0):
-                raise ValueError(f"beta {entry} is out of range: use numbers >= 0, 'none' or 'direct'")
-            configuration = Configuration(f"{beta:g}", beta)
+            configuration = Configuration(*parse_beta_entry(entry))
         if configuration.label in (c.label for c in configurations):
             raise ValueError(f"'{entry}' is given twice")
         configurations.append(configuration)
@@ -69,6 +95,8 @@ class Record:
     reply: str
     completion_tokens: int
     verdict: Verdict
+    thinking_steps: Optional[int] = None  # concept tokens fed, with Soft Thinking
+    thinking_ended_by: Optional[str] = None
 
     def to_json(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self)
@@ -144,6 +172,7 @@ class Evaluation:
             [self.prompts[i] for i in indices],
             self.settings.max_tokens,
             beta=configuration.beta,
+            soft_thinking=configuration.soft_thinking,
             temp=self.settings.temperature,
             top_p=self.settings.top_p,
             top_k=0,
@@ -151,10 +180,13 @@ class Evaluation:
             seed=self.seed(indices[0], sample),
         )
         records = []
-        for index, tokens in zip(indices, outputs):
+        for index, tokens, thinking in zip(indices, outputs, self.llm.last_batch_thinking):
             reply = self.llm.detokenize(tokens, prev_tokens=self.prompts[index]).decode("utf-8", errors="replace")
             verdict = self.task.verify(self.problems[index], reply)
-            records.append(Record(index, sample, self.seed(index, sample), configuration.label, reply, len(tokens), verdict))
+            record = Record(index, sample, self.seed(index, sample), configuration.label, reply, len(tokens), verdict)
+            if thinking is not None:
+                record.thinking_steps, record.thinking_ended_by = thinking.steps, thinking.ended_by
+            records.append(record)
         return records
 
     def outcomes(self, label: str) -> list[bool]:
@@ -174,6 +206,7 @@ class Evaluation:
             row: dict[str, Any] = {
                 "configuration": configuration.label,
                 "beta": configuration.beta,
+                "soft_thinking": None if configuration.soft_thinking is None else configuration.soft_thinking.as_dict(),
                 "trials": trials,
                 "correct": correct,
                 "accuracy": correct / trials if trials else math.nan,
@@ -182,6 +215,10 @@ class Evaluation:
                 "tokens_per_s": tokens / self.seconds[configuration.label] if self.seconds.get(configuration.label) else math.nan,
                 "reasons": {reason: sum(r.verdict.reason == reason for r in records) for reason in sorted({r.verdict.reason for r in records})},
             }
+            if configuration.soft_thinking is not None:
+                steps = [r.thinking_steps or 0 for r in records]
+                row["mean_thinking_steps"] = sum(steps) / len(steps) if steps else math.nan
+                row["cold_stops"] = sum(r.thinking_ended_by == "cold_stop" for r in records)
             if reference is not None and configuration.label != REFERENCE:
                 only_reference, only_this = paired_counts(reference, outcomes)
                 row["vs_none"] = {"only_none": only_reference, "only_this": only_this, "mcnemar_p": mcnemar_exact(only_reference, only_this)}
@@ -226,7 +263,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     above = [100 * row["ci95"][1] - a for a, row in zip(accuracy, rows)]
     figure, axes = plt.subplots(figsize=(1.2 * len(rows) + 3, 4))
     axes.errorbar(range(len(rows)), accuracy, yerr=[below, above], fmt="o", capsize=5, color="#c44e52")
-    axes.set_xticks(range(len(rows)), [f"beta {row['configuration']}" for row in rows])
+    axes.set_xticks(range(len(rows)), [row["configuration"] if row.get("soft_thinking") else f"beta {row['configuration']}" for row in rows])
     axes.set_ylabel("accuracy, % (95% Wilson interval)")
     axes.set_ylim(0, 100)
     settings = result["settings"]
