@@ -22,6 +22,7 @@ from ._native import check, host_time, lib
 from .embedding_rows import EmbeddingRows
 from .llama import Llama
 from .reporting import Progress, pyplot
+from .soft_thinking import SoftThinking, find_thinking_tags
 
 PROMPT = (
     "Write a detailed story about a lighthouse keeper who finds a message in a bottle, "
@@ -218,6 +219,8 @@ class Settings:
     threads: Optional[int] = None
     measure_memory: bool = True
     chat_turns: int = 10
+    # The thinking span's tags, for the Soft Thinking row (None: not measured, the model has none).
+    think_tags: Optional[tuple[str, str]] = None
 
     @property
     def n_ctx(self) -> int:
@@ -232,6 +235,8 @@ def specs(settings: Settings) -> list[tuple[str, str, int]]:
         ("pymoi beta=None", "none", 1),
         ("pymoi MoI beta=1 K=20", "moi", 1),
     ]
+    if settings.think_tags is not None:
+        rows.append(("pymoi Soft Thinking K=10", "soft", 1))
     for b in settings.batch_sizes:
         rows += [(f"raw batched B={b}", "batched-raw", b), (f"MoI batched B={b}", "batched-moi", b)]
     return rows
@@ -239,7 +244,7 @@ def specs(settings: Settings) -> list[tuple[str, str, int]]:
 
 def instance_for(kind: str) -> str:
     """Which loaded model a configuration runs on: stock, single (pymoi) or batched (pymoi, n_seq_max)."""
-    return {"raw": "stock", "stock": "stock", "none": "single", "moi": "single"}.get(kind, "batched")
+    return {"raw": "stock", "stock": "stock", "none": "single", "moi": "single", "soft": "single"}.get(kind, "batched")
 
 
 def load(settings: Settings, instance: str) -> llama_cpp.Llama:
@@ -252,13 +257,19 @@ def load(settings: Settings, instance: str) -> llama_cpp.Llama:
     return Llama(settings.model, n_ctx=settings.n_ctx * n_seq, n_seq_max=n_seq, **common)
 
 
-def runner(kind: str, batch: int, llm: Any, prompt: list[int], n: int) -> Callable[[], Timing]:
-    """One timed round of a configuration on its loaded model."""
+def runner(kind: str, batch: int, llm: Any, prompt: list[int], n: int, think_tags: Optional[tuple[str, str]] = None) -> Callable[[], Timing]:
+    """One timed round of a configuration on its loaded model. "soft": every step a concept token (the prompt
+    ends in the open tag; Cold Stop off), the answer never reached."""
     if kind in ("raw", "batched-raw"):
         return lambda: bare_decode_loop(llm, prompt, n, batch)
     if kind == "batched-moi":
         return lambda: batch_timing(llm, prompt, n, batch, 1.0)
-    moi: dict[str, Any] = {} if kind == "stock" else {"beta": None if kind == "none" else 1.0}
+    moi: dict[str, Any] = {} if kind == "stock" else {"beta": None if kind in ("none", "soft") else 1.0}
+    if kind == "soft":
+        assert think_tags is not None
+        thinking = SoftThinking(cold_stop_steps=0, open_tag=think_tags[0], close_tag=think_tags[1])
+        moi["soft_thinking"] = thinking
+        prompt = prompt + [find_thinking_tags(llm, thinking).open]
 
     def fresh_generate() -> Any:
         llm.reset()  # otherwise llama-cpp-python reuses the prompt cached by the previous round
@@ -279,7 +290,7 @@ def configurations(settings: Settings, only: Optional[str] = None) -> list[Confi
             instances[key] = load(settings, key)
         llm = instances[key]
         prompt = llm.tokenize(PROMPT.encode())
-        configs.append(Configuration(name, kind, batch, runner(kind, batch, llm, prompt, settings.n_tokens)))
+        configs.append(Configuration(name, kind, batch, runner(kind, batch, llm, prompt, settings.n_tokens, settings.think_tags)))
     return configs
 
 
@@ -301,6 +312,7 @@ def _child(argv: list[str]) -> None:
     name, raw_settings = argv
     values = json.loads(raw_settings)
     values["batch_sizes"] = tuple(values["batch_sizes"])
+    values["think_tags"] = None if values["think_tags"] is None else tuple(values["think_tags"])
     (config,) = configurations(Settings(**values), only=name)
     config.run()
     print(json.dumps({"peak_rss_mib": peak_rss_mib(), "pss_mib": pss_mib()}))
@@ -400,6 +412,7 @@ def report(settings: Settings, configs: list[Configuration]) -> dict[str, Any]:
             "rounds": settings.rounds,
             "batch_sizes": list(settings.batch_sizes),
             "chat_turns": settings.chat_turns,
+            "think_tags": settings.think_tags,
             "threads": settings.threads,
             "n_ctx_per_sequence": settings.n_ctx,
             "sampling": SAMPLING,
@@ -426,6 +439,8 @@ def format_table(result: dict[str, Any]) -> str:
             + f"{1000 * row['time_to_first_token_s']['median']:>9.1f}{'' if rss is None else f'{rss:.1f}':>10}"
             + f"{'' if pss is None else f'{pss:.1f}':>9}"
         )
+    if result["settings"].get("think_tags") is None:
+        lines.append("Soft Thinking: not measured, the model has no thinking tags (--think-tags OPEN,CLOSE names two tokens to stand in)")
     host = result.get("host_time_us")
     if host:
         lines.append(format_host_time(result["model"], host))
@@ -446,7 +461,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     medians = [row["decode_tokens_per_s"]["median"] for row in rows]
     low = [m - row["decode_tokens_per_s"]["min"] for m, row in zip(medians, rows)]
     high = [row["decode_tokens_per_s"]["max"] - m for m, row in zip(medians, rows)]
-    colours = {"raw": "#888888", "batched-raw": "#888888", "stock": "#4c72b0", "none": "#55a868", "moi": "#c44e52", "batched-moi": "#c44e52"}
+    colours = {"raw": "#888888", "batched-raw": "#888888", "stock": "#4c72b0", "none": "#55a868", "moi": "#c44e52", "batched-moi": "#c44e52", "soft": "#8172b2"}
     figure, axes = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
     axes.barh(names, medians, xerr=[low, high], color=[colours[row["kind"]] for row in rows])
     axes.invert_yaxis()

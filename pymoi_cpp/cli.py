@@ -239,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat-turns", metavar="N", type=non_negative_int, default=10,
         help="turns of the chat scenario, first-token time per turn, stock and MoI side by side (default 10; 0 for none)",
     )
+    bench.add_argument(
+        "--think-tags", metavar="OPEN,CLOSE", default=None,
+        help="the thinking tags for the Soft Thinking row (default: the model's own; two other tokens may stand in)",
+    )
     bench.add_argument("--json", metavar="FILE", default=None, help="write every number to FILE")
     bench.add_argument("--plot", metavar="FILE.png", default=None, help="bar chart of decode tokens/s (needs matplotlib)")
 
@@ -539,6 +543,29 @@ def run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def bench_think_tags(path: str, named: Optional[str]) -> Optional[tuple[str, str]]:
+    """The tags of the bench's Soft Thinking row: --think-tags, else the model's own; None when it has none."""
+    from .llama import Llama
+    from .soft_thinking import SoftThinking, find_thinking_tags
+
+    open_tag = close_tag = None
+    if named is not None:
+        open_tag, _, close_tag = named.partition(",")
+        if not open_tag or not close_tag:
+            raise CommandError(f"--think-tags takes OPEN,CLOSE (e.g. '<think>,</think>'); got {named!r}", EXIT_USAGE)
+    with llama_log(False):
+        vocabulary = Llama(path, vocab_only=True, verbose=False)
+    try:
+        tags = find_thinking_tags(vocabulary, SoftThinking(open_tag=open_tag, close_tag=close_tag))
+    except ValueError as error:
+        if named is not None:
+            raise CommandError(f"--think-tags: {error}", EXIT_USAGE) from None
+        return None
+    finally:
+        vocabulary.close()
+    return tags.open_text, tags.close_text
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from .bench import Settings, format_table, plot, run_benchmark
     from .reporting import pyplot
@@ -562,6 +589,7 @@ def run_bench(args: argparse.Namespace) -> int:
         threads=args.threads or default_threads(),
         measure_memory=not args.no_memory,
         chat_turns=args.chat_turns,
+        think_tags=bench_think_tags(path, args.think_tags),
     )
     try:
         result = run_benchmark(settings)

@@ -109,10 +109,12 @@ def resolve_soft_thinking(value: SoftThinkingArgument) -> Optional[SoftThinking]
 
 @dataclasses.dataclass(frozen=True)
 class ThinkingTags:
-    """The token ids of a model's thinking span's tags."""
+    """The token ids of a model's thinking span's tags, and their text."""
 
     open: int
     close: int
+    open_text: str = ""
+    close_text: str = ""
 
 
 def _single_token(llm: Any, text: str) -> Optional[int]:
@@ -132,7 +134,7 @@ def find_thinking_tags(llm: Any, settings: SoftThinking) -> ThinkingTags:
     for open_text, close_text in pairs:
         opened, closed = _single_token(llm, open_text), _single_token(llm, close_text)
         if opened is not None and closed is not None and opened != closed:
-            return ThinkingTags(opened, closed)
+            return ThinkingTags(opened, closed, open_text, close_text)
     looked_for = ", ".join(f"{a} ... {b}" for a, b in pairs)
     raise ValueError(
         f"Soft Thinking needs a thinking span's tags, each one token of the vocabulary; this model has none of {looked_for}: "

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from pymoi_cpp.bench import format_table
+
 PYMOI = pathlib.Path(sys.executable).with_name("pymoi")
 TIMING_FIELDS = {"decode_tokens_per_s", "prompt_tokens_per_s", "time_to_first_token_s"}
 
@@ -18,7 +20,7 @@ def test_bench_writes_every_field(smollm2_path: str, tmp_path: pathlib.Path) -> 
     out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
     command = [
         str(PYMOI), "bench", smollm2_path, "--tokens", "4", "--rounds", "2", "--batch-sizes", "1,2", "--threads", "2",
-        "--chat-turns", "3",
+        "--chat-turns", "3", "--think-tags", "<filename>,<gh_stars>",
     ]  # fmt: skip
     result = subprocess.run([*command, "--json", str(out), "--plot", str(chart)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -27,12 +29,16 @@ def test_bench_writes_every_field(smollm2_path: str, tmp_path: pathlib.Path) -> 
     assert {"platform", "processor", "cpu_count", "gpu_offload"} <= set(data["machine"])
     assert data["settings"]["tokens"] == 4 and data["settings"]["rounds"] == 2 and data["settings"]["batch_sizes"] == [1, 2]
     assert data["settings"]["seed"] == 1  # the seed every run sampled with
+    assert data["settings"]["think_tags"] == ["<filename>", "<gh_stars>"]
+    assert "Soft Thinking: not measured" not in result.stdout
+    assert "Soft Thinking: not measured" in format_table({**data, "settings": {**data["settings"], "think_tags": None}})
     names = [row["name"] for row in data["configurations"]]
     assert names == [
         "raw llama_decode",
         "stock llama_cpp.Llama",
         "pymoi beta=None",
         "pymoi MoI beta=1 K=20",
+        "pymoi Soft Thinking K=10",
         "raw batched B=1",
         "MoI batched B=1",
         "raw batched B=2",
@@ -70,6 +76,8 @@ def test_bench_writes_every_field(smollm2_path: str, tmp_path: pathlib.Path) -> 
 def test_bench_bad_arguments(tmp_path: pathlib.Path) -> None:
     result = subprocess.run([str(PYMOI), "bench", str(tmp_path / "absent.gguf")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run([str(PYMOI), "bench", "--think-tags", "<nope>,</nope>"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--think-tags" in result.stderr and "<nope> ... </nope>" in result.stderr
     result = subprocess.run([str(PYMOI), "bench", "--batch-sizes", "4,x"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "batch sizes" in result.stderr
 
