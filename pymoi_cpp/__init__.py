@@ -3,6 +3,8 @@
 `pymoi_cpp.Llama` is a llama_cpp.Llama that feeds each next step a blend of the
 sampled token's embedding and the likely alternatives, weighted with one knob, beta
 (Zhuang et al., "Text Generation Beyond Discrete Token Sampling", arXiv 2505.14827).
+With `soft_thinking=`, a reasoning model thinks in concept tokens (Soft Thinking, Zhang et
+al., arXiv 2505.15778).
 
 Importing pymoi_cpp with MIXINPUTS_BETA or PYMOI_BETA set makes every llama_cpp.Llama
 decode with MoI at that beta (see pymoi_cpp.activation).
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
     from .embedding_rows import EmbeddingRows
     from .llama import UNSET, Llama, MoiInput, MoiSettings, MoiUnsupportedError
     from .mixing import DIRECT_MIXTURE_BETA, denied_architectures, mixture_weights, validate_beta
+    from .soft_thinking import SoftThinking, ThinkingReport, concept_weights
 
 __version__ = "0.1.0"
 
@@ -29,7 +32,10 @@ __all__ = [
     "MoiSettings",
     "MoiUnsupportedError",
     "PymoiError",
+    "SoftThinking",
+    "ThinkingReport",
     "UNSET",
+    "concept_weights",
     "denied_architectures",
     "mixture_weights",
     "validate_beta",
@@ -48,6 +54,9 @@ _SUBMODULE_OF = {
     "denied_architectures": "mixing",
     "mixture_weights": "mixing",
     "validate_beta": "mixing",
+    "SoftThinking": "soft_thinking",
+    "ThinkingReport": "soft_thinking",
+    "concept_weights": "soft_thinking",
 }
 
 
