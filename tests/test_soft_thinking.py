@@ -19,7 +19,8 @@ import pytest
 
 import pymoi_cpp
 from pymoi_cpp.soft_thinking import SoftThinking, concept_weights, resolve_soft_thinking
-from test_architectures import SUPPORTED, Family
+from test_architectures import SUPPORTED, Family, stock_greedy
+from test_batch import token_batch_decode
 from thinking_models import with_thinking_tags
 from tiny_models import write_tiny_model
 
@@ -28,6 +29,7 @@ N_TOKENS = 24
 REAL_TAGS = {"smollm2": ("<filename>", "<gh_stars>"), "gemma3": ("<unused0>", "<unused1>")}
 TINY_OPEN, TINY_CLOSE = 298, 299  # of the tiny models' 300 tokens
 PROMPT = [1, 17, 42, 99, 5]
+REAL_QUESTIONS = [b"Question: what is seven times six? Let me think step by step.", b"Name three rivers.", b"def fibonacci(n):"]
 
 
 def reference_concept(logits: np.ndarray, settings: SoftThinking, gumbel: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, float]:
@@ -172,14 +174,6 @@ def test_resolving_the_argument() -> None:
 # -- generation -------------------------------------------------------------------------------------------
 
 
-def stock_greedy(path: str, prompt: list[int], n: int = N_TOKENS) -> list[int]:
-    llm = llama_cpp.Llama(path, n_ctx=512, verbose=False)
-    try:
-        return list(itertools.islice(llm.generate(prompt, temp=0.0), n))
-    finally:
-        llm.close()
-
-
 def soft_greedy(llm: pymoi_cpp.Llama, prompt: list[int], settings: SoftThinking, n: int = N_TOKENS, **kwargs: Any) -> list[int]:
     return list(itertools.islice(llm.generate(prompt, temp=0.0, soft_thinking=settings, **kwargs), n))
 
@@ -190,29 +184,30 @@ ONE_HOT = dict(top_k=1, cold_stop_steps=0)
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
 def test_one_hot_oracle_on_the_real_models(model: str, request: pytest.FixtureRequest) -> None:
     """Concept top_k 1 feeds the argmax token's row: Soft Thinking is stock greedy decoding, token for token,
-    alone and in a batch beside a MoI and a stock sequence of the same prompt."""
+    alone, and in a batch it is llama.cpp's batched greedy decoding of the same token rows."""
     path = request.getfixturevalue(f"{model}_path")
     open_tag, close_tag = REAL_TAGS[model]
     llm = pymoi_cpp.Llama(path, n_ctx=3 * 512, n_seq_max=3, beta=None, verbose=False)
     try:
         tags = [llm.tokenize(tag.encode(), add_bos=False, special=True) for tag in (open_tag, close_tag)]
         assert all(len(ids) == 1 for ids in tags)
-        prompt = llm.tokenize(b"Question: what is seven times six? Let me think step by step.") + tags[0]
-        expected = stock_greedy(path, prompt, 32)
+        prompts = [llm.tokenize(question) + tags[0] for question in REAL_QUESTIONS]
+        expected = stock_greedy(path, prompts[0], 32)
         assert tags[1][0] not in expected
         settings = SoftThinking(**ONE_HOT, open_tag=open_tag, close_tag=close_tag)
-        assert soft_greedy(llm, prompt, settings, 32) == expected
+        assert soft_greedy(llm, prompts[0], settings, 32) == expected
         assert llm.last_thinking is not None and llm.last_thinking.steps == 32 and llm.last_thinking.thinking
-        batched = llm.generate_batch(
-            [prompt] * 3, 32, temp=0.0, stop_tokens=[], beta=[None, 1.0, None], soft_thinking=[settings, None, None]
+        batched = token_batch_decode(llm, prompts, 32)
+        assert llm.generate_batch(prompts, 32, temp=0.0, stop_tokens=[], soft_thinking=settings) == batched
+        assert [report.steps for report in llm.last_batch_thinking if report is not None] == [32, 32, 32]
+        # Beside a MoI and a stock sequence: SmolLM2's batched kernels give each row what it gives alone; Gemma 3's
+        # round rows differently by their place in the batch (see test_batch.test_one_hot_batch_on_gemma3).
+        mixed = llm.generate_batch(
+            [prompts[0]] * 3, 32, temp=0.0, stop_tokens=[], beta=[None, 1.0, None], soft_thinking=[settings, None, None]
         )
-        # In one batch the thinking sequence reads what the stock sequence beside it reads; SmolLM2's batched kernels
-        # reproduce a lone sequence bit for bit, Gemma 3's do not (see test_batch.test_one_hot_batch_on_gemma3).
-        assert batched[0] == batched[2]
+        assert llm.last_batch_thinking[0] is not None and llm.last_batch_thinking[1] is None
         if model == "smollm2":
-            assert batched[0] == expected
-        assert llm.last_batch_thinking[0] is not None and llm.last_batch_thinking[0].steps == 32
-        assert llm.last_batch_thinking[1] is None
+            assert mixed[0] == expected == mixed[2]
     finally:
         llm.close()
 
