@@ -397,3 +397,22 @@ def test_eval_compares_standard_moi_and_soft_thinking(thinking_dir: pathlib.Path
         assert done.returncode == 2 and message in done.stderr
     done = pymoi("eval", str(problems), "--modes", "standard,soft", "--max-tokens", "4")
     assert done.returncode == 2 and "with Soft Thinking" in done.stderr
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mamba2", "qwen35"])
+def test_positions_fed_concept_tokens_are_never_reused(architecture: str, thinking_dir: pathlib.Path) -> None:
+    """The cache rule: when a generation with Soft Thinking ends, the context holds its prompt only (a recurrent or
+    hybrid memory goes back to the prompt's checkpoint), so a request that repeats the shown thinking reads it as
+    tokens: it answers as a fresh instance does."""
+    family = next(family for family in SUPPORTED if family.name == architecture)
+    path = with_thinking_tags(family.path(thinking_dir), thinking_dir / f"cache-{architecture}.gguf", TINY_OPEN, TINY_CLOSE)
+    prompt = PROMPT + [TINY_OPEN]
+    llm = pymoi_cpp.Llama(path, n_ctx=512, beta=None, verbose=False)
+    try:
+        shown = soft_greedy(llm, prompt, SoftThinking(max_thinking_tokens=8), 12)
+        assert llm.last_thinking is not None and llm.last_thinking.steps > 0
+        assert llm.n_tokens == len(prompt), "the positions fed concept tokens were dropped"
+        follow_up = prompt + shown
+        assert list(itertools.islice(llm.generate(follow_up, temp=0.0), 8)) == stock_greedy(path, follow_up, 8)
+    finally:
+        llm.close()
