@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import pathlib
+import time
 from typing import Any, Iterator
 
 import pytest
 
 import pymoi_cpp
-from serving import Server, post, served, stream_events
+from serving import Server, health, post, served, stream_events
 
 GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0}
 # SmolLM2 has no <think>: two of its special tokens, which greedy decoding of these prompts never writes, stand in.
@@ -52,9 +53,10 @@ def streamed_text(server: Server, body: dict[str, Any]) -> tuple[str, dict[str, 
 def test_thinking_requests_beside_moi_and_stock_equal_each_alone(
     smollm2_path: str, prompts: list[list[int]], tmp_path: pathlib.Path
 ) -> None:
-    """Each request alone runs on a fresh server: a concept token carries every bit of the logits forward, so
-    the last-bit change of a prompt read after a cached prefix (see docs/server.md, Prompt reuse) shows in
-    its text, where it rarely changes a sampled token."""
+    """Each request alone runs on a fresh server, and together each joins the requests before it: a concept token
+    carries every bit of the logits forward, so the last-bit change of a prompt read after a cached prefix (see
+    docs/server.md, Prompt reuse) or in one decode with other prompts shows in its text, where it rarely changes
+    a sampled token."""
     thinking = {"prompt": prompts[0], "max_tokens": 40, "beta": None, "soft_thinking": dict(TAGS), **GREEDY}
     streamed = {"prompt": prompts[1], "max_tokens": 40, "beta": 1.0, "soft_thinking": {**TAGS, "top_k": 5}, **GREEDY}
     moi = {"prompt": prompts[2], "max_tokens": 40, "beta": 1.0, **GREEDY}
@@ -85,16 +87,30 @@ def test_thinking_requests_beside_moi_and_stock_equal_each_alone(
     servers = fresh("together")
     server = next(servers)
     try:
+        # Each request is read into a step of its own, then decodes beside those before it: a prompt read in one
+        # decode with other prompts is cut into other pieces than alone, which changes llama.cpp's last bits.
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            together = pool.submit(completion, server, thinking)
-            together_streamed = pool.submit(streamed_text, server, streamed)
-            others = {name: pool.submit(completion, server, body) for name, body in (("moi", moi), ("stock", stock))}
+            submitted: list[concurrent.futures.Future] = []
+            for name, body in (("thinking", thinking), ("streamed", streamed), ("moi", moi), ("stock", stock)):
+                submitted.append(pool.submit(streamed_text if name == "streamed" else completion, server, body))
+                wait_until_admitted(server, submitted)
+            together, together_streamed, *rest = submitted
+            others = dict(zip(("moi", "stock"), rest))
             assert together.result()["choices"][0]["text"] == alone["thinking"]["choices"][0]["text"]
             assert together_streamed.result() == alone["streamed"]
             for name, future in others.items():
                 assert future.result()["choices"][0]["text"] == alone[name]["choices"][0]["text"]
     finally:
         next(servers, None)
+
+
+def wait_until_admitted(server: Server, submitted: list[concurrent.futures.Future]) -> None:
+    """Waits until every submitted request is in a sequence or done (a finished one leaves its sequence before
+    its response is complete, so it is never counted twice)."""
+    deadline = time.monotonic() + 120
+    while health(server)["generating"] + sum(future.done() for future in submitted) < len(submitted):
+        assert time.monotonic() < deadline, health(server)
+        time.sleep(0.01)
 
 
 def test_a_chat_request_reports_its_thinking(server: Server) -> None:
